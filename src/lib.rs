@@ -1,0 +1,2 @@
+//! portcullis: an Envoy ext_authz server with Apache APISIX's auth plugin semantics.
+#![forbid(unsafe_code)]
