@@ -112,16 +112,20 @@ pub async fn serve(opts: Options) -> Result<(), ServeError> {
         );
     let grpc = tokio::spawn(grpc);
 
-    // HTTP: health, readiness, metrics.
+    // HTTP: health, readiness, metrics, auth_request.
     let http_listener = bind("http", config.listen.http).await?;
     let http_app = http::router(http::HttpState {
         runtime: runtime.clone(),
         metrics: metrics_handle,
+        auth_path: config.auth_request.path.as_str().into(),
     });
     let http = tokio::spawn(
-        axum::serve(http_listener, http_app)
-            .with_graceful_shutdown(stopped(stop_rx.clone()))
-            .into_future(),
+        axum::serve(
+            http_listener,
+            http_app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(stopped(stop_rx.clone()))
+        .into_future(),
     );
 
     // Admin API, only with a key.
