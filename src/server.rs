@@ -99,17 +99,18 @@ pub async fn serve(opts: Options) -> Result<(), ServeError> {
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
     let grpc_listener = bind("grpc", config.listen.grpc).await?;
+    // tonic ignores `Server::tcp_nodelay` for a caller-supplied listener: set
+    // TCP_NODELAY on each accepted socket here, or Nagle holds the trailers frame of
+    // a Check until the peer's delayed ACK (~40 ms stalls; see docs/benchmarks.md).
+    let grpc_incoming =
+        tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
     let grpc = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .http2_adaptive_window(Some(true))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_alpha)
         .add_service(AuthService::server(runtime.clone()))
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
-            stopped(stop_rx.clone()),
-        );
+        .serve_with_incoming_shutdown(grpc_incoming, stopped(stop_rx.clone()));
     let grpc = tokio::spawn(grpc);
 
     // HTTP: health, readiness, metrics, auth_request.
