@@ -64,7 +64,9 @@ mod credential_map {
     }
 }
 
-pub type CredentialMap = BTreeMap<(String, String), Stored<CredentialSpec>>;
+/// (username, credential id).
+pub type CredentialKey = (String, String);
+pub type CredentialMap = BTreeMap<CredentialKey, Stored<CredentialSpec>>;
 
 /// Deletions the Admin API made of file-declared resources.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -441,65 +443,82 @@ impl Store {
     /// Reads one resource as the Admin API shows it.
     pub async fn get(&self, id: &ResourceId) -> Option<(Value, u64, u64)> {
         let inner = self.inner.lock().await;
-        let res = effective(&inner.file, &inner.admin);
         match id {
-            ResourceId::Route(k) => res.routes.get(k).map(|s| view(s, Some(k))),
-            ResourceId::Consumer(k) => res.consumers.get(k).map(|s| view(s, None)),
-            ResourceId::Credential(u, k) => res
-                .credentials
-                .get(&(u.clone(), k.clone()))
-                .map(|s| view(s, Some(k))),
+            ResourceId::Route(k) => inner.route(k).map(|s| view(s, Some(k))),
+            ResourceId::Consumer(k) => inner.consumer(k).map(|s| view(s, None)),
+            ResourceId::Credential(u, k) => inner.credential(u, k).map(|s| view(s, Some(k))),
         }
     }
 
-    /// Lists routes, consumers, or one consumer's credentials.
+    /// Lists routes, consumers, or one consumer's credentials, ordered by id.
     pub async fn list(&self, kind: ListKind<'_>) -> Vec<(ResourceId, Value, u64, u64)> {
         let inner = self.inner.lock().await;
-        let res = effective(&inner.file, &inner.admin);
         let tag = |id: ResourceId, (v, c, m): (Value, u64, u64)| (id, v, c, m);
         match kind {
-            ListKind::Routes => res
-                .routes
-                .iter()
-                .map(|(k, s)| tag(ResourceId::Route(k.clone()), view(s, Some(k))))
-                .collect(),
-            ListKind::Consumers => res
-                .consumers
-                .iter()
-                .map(|(k, s)| tag(ResourceId::Consumer(k.clone()), view(s, None)))
-                .collect(),
-            ListKind::Credentials(user) => res
-                .credentials
-                .iter()
-                .filter(|((u, _), _)| u == user)
-                .map(|((u, k), s)| {
-                    tag(
-                        ResourceId::Credential(u.clone(), k.clone()),
-                        view(s, Some(k)),
-                    )
+            ListKind::Routes => layered(&inner.file.routes, &inner.admin.written.routes, |k| {
+                inner.admin.deleted.routes.contains(k)
+            })
+            .map(|(k, s)| tag(ResourceId::Route(k.clone()), view(s, Some(k))))
+            .collect(),
+            ListKind::Consumers => {
+                layered(&inner.file.consumers, &inner.admin.written.consumers, |k| {
+                    inner.admin.deleted.consumers.contains(k)
                 })
-                .collect(),
+                .map(|(k, s)| tag(ResourceId::Consumer(k.clone()), view(s, None)))
+                .collect()
+            }
+            ListKind::Credentials(user) => {
+                if inner.consumer(user).is_none() {
+                    return Vec::new();
+                }
+                let range = (user.to_owned(), String::new())..;
+                let from_file = inner
+                    .file
+                    .credentials
+                    .range(range.clone())
+                    .take_while(|((u, _), _)| u == user);
+                let written = inner
+                    .admin
+                    .written
+                    .credentials
+                    .range(range)
+                    .take_while(|((u, _), _)| u == user);
+                let mut merged: BTreeMap<&(String, String), &Stored<CredentialSpec>> = from_file
+                    .filter(|((u, id), _)| {
+                        !inner
+                            .admin
+                            .deleted
+                            .credentials
+                            .contains(&format!("{u}/{id}"))
+                    })
+                    .collect();
+                merged.extend(written);
+                merged
+                    .into_iter()
+                    .map(|((u, k), s)| {
+                        tag(
+                            ResourceId::Credential(u.clone(), k.clone()),
+                            view(s, Some(k)),
+                        )
+                    })
+                    .collect()
+            }
         }
     }
 
     pub async fn consumer_exists(&self, username: &str) -> bool {
-        let inner = self.inner.lock().await;
-        effective(&inner.file, &inner.admin)
-            .consumers
-            .contains_key(username)
+        self.inner.lock().await.consumer(username).is_some()
     }
 
     /// Creates or replaces a resource. Returns (created, stored value).
     pub async fn put(&self, id: ResourceId, body: Value) -> Result<(bool, Value), WriteError> {
         let mut inner = self.inner.lock().await;
-        let current = effective(&inner.file, &inner.admin);
         let cx = BuildContext {
             shared: &self.runtime.shared,
         };
         let t = now();
         let index = inner.admin.index + 1;
-        let mut next = inner.admin.clone();
-        next.index = index;
+        let undo = Undo::of(&inner.admin);
         let created;
         let value;
         let apply: Box<dyn FnOnce(&mut Inner) + Send> = match &id {
@@ -507,12 +526,14 @@ impl Store {
                 let mut spec: RouteSpec = parse(body)?;
                 spec.id = Some(rid.clone());
                 let route = Arc::new(snapshot::compile_route(rid, &spec, &cx)?);
-                let old = current.routes.get(rid);
+                let old = inner.route(rid).cloned();
                 created = old.is_none();
-                let stored = restamp(spec, old, t, index);
+                let stored = restamp(spec, old.as_ref(), t, index);
                 value = view(&stored, Some(rid)).0;
-                next.deleted.routes.remove(rid);
-                next.written.routes.insert(rid.clone(), stored);
+                let undo = undo.route(&inner.admin, rid);
+                inner.admin.deleted.routes.remove(rid);
+                inner.admin.written.routes.insert(rid.clone(), stored);
+                self.commit(&mut inner, index, undo)?;
                 let rid = rid.clone();
                 Box::new(move |inner| {
                     inner.routes.insert(rid, route);
@@ -537,12 +558,14 @@ impl Store {
                         )));
                     }
                 }
-                let old = current.consumers.get(name);
+                let old = inner.consumer(name).cloned();
                 created = old.is_none();
-                let stored = restamp(spec, old, t, index);
+                let stored = restamp(spec, old.as_ref(), t, index);
                 value = view(&stored, None).0;
-                next.deleted.consumers.remove(name);
-                next.written.consumers.insert(name.clone(), stored);
+                let undo = undo.consumer(&inner.admin, name);
+                inner.admin.deleted.consumers.remove(name);
+                inner.admin.written.consumers.insert(name.clone(), stored);
+                self.commit(&mut inner, index, undo)?;
                 let name = name.clone();
                 Box::new(move |inner| {
                     for key in inner.consumer_keys.remove(&name).unwrap_or_default() {
@@ -561,7 +584,7 @@ impl Store {
                 })
             }
             ResourceId::Credential(user, cid) => {
-                if !current.consumers.contains_key(user) {
+                if inner.consumer(user).is_none() {
                     return Err(WriteError::NotFound("consumer not found".into()));
                 }
                 let mut spec: CredentialSpec = parse(body)?;
@@ -577,12 +600,18 @@ impl Store {
                     )));
                 }
                 let ck = (user.clone(), cid.clone());
-                let old = current.credentials.get(&ck);
+                let old = inner.credential(user, cid).cloned();
                 created = old.is_none();
-                let stored = restamp(spec, old, t, index);
+                let stored = restamp(spec, old.as_ref(), t, index);
                 value = view(&stored, Some(cid)).0;
-                next.deleted.credentials.remove(&format!("{user}/{cid}"));
-                next.written.credentials.insert(ck.clone(), stored);
+                let undo = undo.credential(&inner.admin, &ck);
+                inner
+                    .admin
+                    .deleted
+                    .credentials
+                    .remove(&format!("{user}/{cid}"));
+                inner.admin.written.credentials.insert(ck.clone(), stored);
+                self.commit(&mut inner, index, undo)?;
                 Box::new(move |inner| {
                     if let Some(old) = inner.credential_keys.remove(&ck) {
                         inner.consumers.by_key.remove(&old);
@@ -592,8 +621,6 @@ impl Store {
                 })
             }
         };
-        self.persist(&next)?;
-        inner.admin = next;
         apply(&mut inner);
         if matches!(id, ResourceId::Route(_)) {
             self.publish_routes(&inner);
@@ -601,49 +628,66 @@ impl Store {
         Ok((created, value))
     }
 
+    /// Persists the Admin layer as edited in place; on failure puts back what
+    /// `undo` recorded, so memory never runs ahead of the disk.
+    fn commit(&self, inner: &mut Inner, index: u64, undo: Undo) -> Result<(), WriteError> {
+        inner.admin.index = index;
+        if let Err(e) = self.persist(&inner.admin) {
+            undo.restore(&mut inner.admin);
+            return Err(e);
+        }
+        Ok(())
+    }
+
     /// Deletes a resource; deleting a consumer deletes its credentials.
     pub async fn delete(&self, id: &ResourceId) -> Result<(), WriteError> {
         let mut inner = self.inner.lock().await;
-        let current = effective(&inner.file, &inner.admin);
-        let mut next = inner.admin.clone();
-        next.index += 1;
+        let index = inner.admin.index + 1;
+        let undo = Undo::of(&inner.admin);
         match id {
             ResourceId::Route(rid) => {
-                if !current.routes.contains_key(rid) {
+                if inner.route(rid).is_none() {
                     return Err(WriteError::NotFound("Key not found".into()));
                 }
-                next.written.routes.remove(rid);
+                let undo = undo.route(&inner.admin, rid);
+                inner.admin.written.routes.remove(rid);
                 if inner.file.routes.contains_key(rid) {
-                    next.deleted.routes.insert(rid.clone());
+                    inner.admin.deleted.routes.insert(rid.clone());
                 }
-                self.persist(&next)?;
-                inner.admin = next;
+                self.commit(&mut inner, index, undo)?;
                 inner.routes.remove(rid);
                 self.publish_routes(&inner);
             }
             ResourceId::Consumer(name) => {
-                if !current.consumers.contains_key(name) {
+                if inner.consumer(name).is_none() {
                     return Err(WriteError::NotFound("Key not found".into()));
                 }
-                next.written.consumers.remove(name);
-                next.written.credentials.retain(|(u, _), _| u != name);
-                next.deleted
-                    .credentials
-                    .retain(|k| !k.starts_with(&format!("{name}/")));
-                if inner.file.consumers.contains_key(name) {
-                    next.deleted.consumers.insert(name.clone());
-                }
-                self.persist(&next)?;
-                inner.admin = next;
-                for key in inner.consumer_keys.remove(name).unwrap_or_default() {
-                    inner.consumers.by_key.remove(&key);
-                }
-                let creds: Vec<_> = inner
+                let creds: Vec<(String, String)> = inner
                     .credential_keys
                     .keys()
                     .filter(|(u, _)| u == name)
                     .cloned()
                     .collect();
+                let mut undo = undo.consumer(&inner.admin, name);
+                for ck in &creds {
+                    undo = undo.credential(&inner.admin, ck);
+                    inner.admin.written.credentials.remove(ck);
+                    if inner.file.credentials.contains_key(ck) {
+                        inner
+                            .admin
+                            .deleted
+                            .credentials
+                            .insert(format!("{}/{}", ck.0, ck.1));
+                    }
+                }
+                inner.admin.written.consumers.remove(name);
+                if inner.file.consumers.contains_key(name) {
+                    inner.admin.deleted.consumers.insert(name.clone());
+                }
+                self.commit(&mut inner, index, undo)?;
+                for key in inner.consumer_keys.remove(name).unwrap_or_default() {
+                    inner.consumers.by_key.remove(&key);
+                }
                 for ck in creds {
                     if let Some(key) = inner.credential_keys.remove(&ck) {
                         inner.consumers.by_key.remove(&key);
@@ -653,15 +697,19 @@ impl Store {
             }
             ResourceId::Credential(user, cid) => {
                 let ck = (user.clone(), cid.clone());
-                if !current.credentials.contains_key(&ck) {
+                if inner.credential(user, cid).is_none() {
                     return Err(WriteError::NotFound("Key not found".into()));
                 }
-                next.written.credentials.remove(&ck);
+                let undo = undo.credential(&inner.admin, &ck);
+                inner.admin.written.credentials.remove(&ck);
                 if inner.file.credentials.contains_key(&ck) {
-                    next.deleted.credentials.insert(format!("{user}/{cid}"));
+                    inner
+                        .admin
+                        .deleted
+                        .credentials
+                        .insert(format!("{user}/{cid}"));
                 }
-                self.persist(&next)?;
-                inner.admin = next;
+                self.commit(&mut inner, index, undo)?;
                 if let Some(key) = inner.credential_keys.remove(&ck) {
                     inner.consumers.by_key.remove(&key);
                 }
@@ -669,6 +717,106 @@ impl Store {
         }
         Ok(())
     }
+}
+
+/// What an in-place edit of the Admin layer replaced, to put back if persisting fails.
+struct Undo {
+    index: u64,
+    deleted: Tombstones,
+    routes: Vec<(String, Option<Stored<RouteSpec>>)>,
+    consumers: Vec<(String, Option<Stored<ConsumerSpec>>)>,
+    credentials: Vec<(CredentialKey, Option<Stored<CredentialSpec>>)>,
+}
+
+impl Undo {
+    fn of(admin: &StateFile) -> Self {
+        Undo {
+            index: admin.index,
+            deleted: admin.deleted.clone(),
+            routes: Vec::new(),
+            consumers: Vec::new(),
+            credentials: Vec::new(),
+        }
+    }
+
+    fn route(mut self, admin: &StateFile, id: &str) -> Self {
+        self.routes
+            .push((id.to_owned(), admin.written.routes.get(id).cloned()));
+        self
+    }
+
+    fn consumer(mut self, admin: &StateFile, name: &str) -> Self {
+        self.consumers
+            .push((name.to_owned(), admin.written.consumers.get(name).cloned()));
+        self
+    }
+
+    fn credential(mut self, admin: &StateFile, ck: &(String, String)) -> Self {
+        self.credentials
+            .push((ck.clone(), admin.written.credentials.get(ck).cloned()));
+        self
+    }
+
+    fn restore(self, admin: &mut StateFile) {
+        fn put_back<K: Ord, V>(map: &mut BTreeMap<K, V>, entries: Vec<(K, Option<V>)>) {
+            for (k, v) in entries.into_iter().rev() {
+                match v {
+                    Some(v) => map.insert(k, v),
+                    None => map.remove(&k),
+                };
+            }
+        }
+        admin.index = self.index;
+        admin.deleted = self.deleted;
+        put_back(&mut admin.written.routes, self.routes);
+        put_back(&mut admin.written.consumers, self.consumers);
+        put_back(&mut admin.written.credentials, self.credentials);
+    }
+}
+
+impl Inner {
+    /// The route in force: an Admin write, else the file's unless deleted.
+    fn route(&self, id: &str) -> Option<&Stored<RouteSpec>> {
+        self.admin.written.routes.get(id).or_else(|| {
+            (!self.admin.deleted.routes.contains(id))
+                .then(|| self.file.routes.get(id))
+                .flatten()
+        })
+    }
+
+    fn consumer(&self, name: &str) -> Option<&Stored<ConsumerSpec>> {
+        self.admin.written.consumers.get(name).or_else(|| {
+            (!self.admin.deleted.consumers.contains(name))
+                .then(|| self.file.consumers.get(name))
+                .flatten()
+        })
+    }
+
+    fn credential(&self, user: &str, id: &str) -> Option<&Stored<CredentialSpec>> {
+        self.consumer(user)?;
+        let ck = (user.to_owned(), id.to_owned());
+        self.admin.written.credentials.get(&ck).or_else(|| {
+            (!self
+                .admin
+                .deleted
+                .credentials
+                .contains(&format!("{user}/{id}")))
+            .then(|| self.file.credentials.get(&ck))
+            .flatten()
+        })
+    }
+}
+
+/// File entries not deleted, overlaid with Admin writes, in key order.
+fn layered<'a, V>(
+    file: &'a BTreeMap<String, V>,
+    written: &'a BTreeMap<String, V>,
+    deleted: impl Fn(&String) -> bool,
+) -> impl Iterator<Item = (&'a String, &'a V)> {
+    let mut merged: BTreeMap<&'a String, &'a V> =
+        file.iter().filter(|(k, _)| !deleted(k)).collect();
+    merged.extend(written.iter());
+    merged.into_iter()
 }
 
 pub enum ListKind<'a> {
@@ -715,5 +863,139 @@ fn view<T: Serialize>(s: &Stored<T>, id: Option<&String>) -> (Value, u64, u64) {
 impl From<SpecError> for WriteError {
     fn from(e: SpecError) -> Self {
         WriteError::Invalid(format!("invalid configuration: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn store(yaml: &str, state: Option<PathBuf>) -> (Arc<Runtime>, Store) {
+        let runtime = Arc::new(Runtime::default());
+        let config = FileConfig::parse(yaml, "test.yaml").unwrap();
+        let store = Store::open(runtime.clone(), &config, "test.yaml", state).unwrap();
+        (runtime, store)
+    }
+
+    const FILE: &str = "routes:\n  - { id: f1, uri: /f1 }\n  - { id: f2, uri: /f2 }\nconsumers:\n  - { username: alice }\n";
+
+    #[tokio::test]
+    async fn admin_writes_overlay_the_file_and_deletes_are_tombstones() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state.yaml");
+        let (runtime, s) = store(FILE, Some(state.clone()));
+        assert_eq!(runtime.snapshot().router.len(), 2);
+
+        let (created, v) = s
+            .put(ResourceId::Route("f1".into()), json!({"uri": "/changed"}))
+            .await
+            .unwrap();
+        assert!(!created, "f1 exists in the file: this is an update");
+        assert_eq!(v["uri"], "/changed");
+        let (created, _) = s
+            .put(ResourceId::Route("a1".into()), json!({"uri": "/a1"}))
+            .await
+            .unwrap();
+        assert!(created);
+        s.delete(&ResourceId::Route("f2".into())).await.unwrap();
+        assert!(s.get(&ResourceId::Route("f2".into())).await.is_none());
+        let ids: Vec<_> = s
+            .list(ListKind::Routes)
+            .await
+            .into_iter()
+            .map(|(id, ..)| id.key())
+            .collect();
+        assert_eq!(ids, vec!["/apisix/routes/a1", "/apisix/routes/f1"]);
+        assert_eq!(runtime.snapshot().router.len(), 2);
+
+        // A restart with the same file and state file sees the same thing.
+        let (runtime2, s2) = store(FILE, Some(state.clone()));
+        assert_eq!(runtime2.snapshot().router.len(), 2);
+        assert_eq!(
+            s2.get(&ResourceId::Route("f1".into())).await.unwrap().0["uri"],
+            "/changed"
+        );
+        assert!(s2.get(&ResourceId::Route("f2".into())).await.is_none());
+        // So does a file reload.
+        let config = FileConfig::parse(FILE, "test.yaml").unwrap();
+        s2.reload_file(&config, "test.yaml").await.unwrap();
+        assert!(s2.get(&ResourceId::Route("f2".into())).await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_failed_persist_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("missing-dir").join("state.yaml");
+        let (runtime, s) = store(FILE, Some(state));
+        let err = s
+            .put(ResourceId::Route("x".into()), json!({"uri": "/x"}))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, WriteError::Persist { .. }), "{err}");
+        assert!(s.get(&ResourceId::Route("x".into())).await.is_none());
+        let err = s.delete(&ResourceId::Route("f1".into())).await.unwrap_err();
+        assert!(matches!(err, WriteError::Persist { .. }));
+        assert!(s.get(&ResourceId::Route("f1".into())).await.is_some());
+        assert_eq!(runtime.snapshot().router.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn credentials_need_their_consumer_and_go_with_it() {
+        let (_rt, s) = store(FILE, None);
+        let err = s
+            .put(
+                ResourceId::Credential("nobody".into(), "c1".into()),
+                json!({"plugins": {}}),
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(err, WriteError::NotFound(ref m) if m == "consumer not found"));
+        let err = s
+            .put(
+                ResourceId::Credential("alice".into(), "c1".into()),
+                json!({"plugins": {}}),
+            )
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("exactly one auth plugin"), "{err}");
+        s.delete(&ResourceId::Consumer("alice".into()))
+            .await
+            .unwrap();
+        assert!(!s.consumer_exists("alice").await);
+        assert!(matches!(
+            s.delete(&ResourceId::Consumer("alice".into())).await,
+            Err(WriteError::NotFound(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn bad_bodies_name_the_field() {
+        let (_rt, s) = store("{}", None);
+        let err = s
+            .put(
+                ResourceId::Route("r".into()),
+                json!({"uri": "/x", "methods": ["FETCH"]}),
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("invalid configuration: methods[0]"),
+            "{err}"
+        );
+        let err = s
+            .put(
+                ResourceId::Route("r".into()),
+                json!({"uri": "/x", "plugins": {"nope": {}}}),
+            )
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("plugin nope"), "{err}");
+        let err = s
+            .put(ResourceId::Consumer("a".into()), json!({"username": "b"}))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("does not match"), "{err}");
     }
 }
