@@ -105,8 +105,7 @@ async fn an_invalid_config_keeps_the_last_good_one_and_says_where() {
         let log = p.output();
         let line = log
             .lines()
-            .filter(|l| l.contains("configuration rejected"))
-            .next_back()
+            .rfind(|l| l.contains("configuration rejected"))
             .expect("rejection logged");
         assert!(
             line.contains(&file),
@@ -205,7 +204,7 @@ async fn two_thousand_requests_during_twenty_reloads_all_decided_right() {
     }
 
     let total = done.load(Ordering::SeqCst);
-    let wrong = wrong.lock().expect("lock");
+    let wrong = std::mem::take(&mut *wrong.lock().expect("lock"));
     assert!(total >= REQUESTS, "only {total} requests were sent");
     assert!(
         wrong.is_empty(),

@@ -296,3 +296,139 @@ async fn clients_cannot_spoof_identity_headers() {
         }
     }
 }
+
+/// The same matching through Envoy's HTTP ext_authz mode (envoy/envoy-http-authz.yaml →
+/// portcullis's `/auth` front): the original method, host, path and query reach the
+/// decision, and a client cannot steer it with forged X-Forwarded-* / X-Original-*
+/// headers (oauth2-proxy CVE-2026-40575).
+#[tokio::test]
+async fn envoy_http_mode_decides_the_same_and_ignores_forged_forwarding_headers() {
+    let stack = Stack::start_with(common::ENVOY_HTTP, ROUTES).await;
+
+    assert_passes(&stack.get("/exact").await, "exact");
+    assert_passes(&stack.get("/pre/a/b?c=d").await, "prefix");
+    assert_eq!(
+        stack.get("/pre/a/b?c=d").await.echoed().query.as_deref(),
+        Some("c=d")
+    );
+    assert_route_not_found(&stack.get("/nothing").await, "no route");
+    assert_passes(
+        &with_host(&stack, "/by-host", "api.example.com").await,
+        "host",
+    );
+    assert_route_not_found(
+        &with_host(&stack, "/by-host", "example.com").await,
+        "other host",
+    );
+    let post = stack
+        .send(stack.request(Method::POST, "/by-method").body("x"))
+        .await;
+    assert_route_not_found(&post, "POST on a GET/PUT route");
+    let put = stack
+        .send(stack.request(Method::PUT, "/by-method").body("x"))
+        .await;
+    assert_passes(&put, "PUT on a GET/PUT route");
+
+    for (name, value) in [
+        ("X-Forwarded-Uri", "/exact"),
+        ("X-Original-URL", "http://api.example.com/exact"),
+        ("X-Original-URI", "/exact"),
+        ("X-Forwarded-Host", "api.example.com"),
+    ] {
+        let forged = stack
+            .send(stack.request(Method::GET, "/nothing").header(name, value))
+            .await;
+        assert_route_not_found(&forged, &format!("/nothing with {name}: {value}"));
+        let forged = stack
+            .send(stack.request(Method::GET, "/by-host").header(name, value))
+            .await;
+        assert_route_not_found(&forged, &format!("/by-host with {name}: {value}"));
+    }
+    let forged_method = stack
+        .send(
+            stack
+                .request(Method::POST, "/by-method")
+                .header("X-Forwarded-Method", "GET"),
+        )
+        .await;
+    assert_route_not_found(&forged_method, "POST with X-Forwarded-Method: GET");
+}
+
+#[tokio::test]
+async fn envoy_http_mode_clients_cannot_spoof_identity_headers() {
+    let stack = Stack::start_with(
+        common::ENVOY_HTTP,
+        "unmatched: allow\nroutes: [{id: open, uri: /open}]",
+    )
+    .await;
+    for path in ["/open", "/unmatched"] {
+        let seen = stack
+            .send(
+                stack
+                    .request(Method::GET, path)
+                    .header("X-Consumer-Username", "admin")
+                    .header("X-Credential-Identifier", "forged")
+                    .header("X-Userinfo", "eyJzdWIiOiJhZG1pbiJ9")
+                    .header("X-Access-Token", "forged"),
+            )
+            .await
+            .echoed();
+        for name in [
+            "x-consumer-username",
+            "x-credential-identifier",
+            "x-userinfo",
+            "x-access-token",
+        ] {
+            assert!(
+                seen.header_all(name).is_empty(),
+                "{path}: client's {name} reached the upstream: {:?}",
+                seen.header_list
+            );
+        }
+    }
+}
+
+/// The shipped Envoy config normalises the path before the Check, so portcullis decides
+/// on the path the upstream receives: dot segments and doubled slashes cannot smuggle a
+/// request past a route, and encoded slashes are redirected to their decoded form.
+#[tokio::test]
+async fn paths_are_normalised_before_the_decision() {
+    let stack = Stack::start(ROUTES).await;
+    let port = stack.envoy.ports.listener;
+
+    for (target, upstream_path) in [
+        ("/pre/../exact", "/exact"),
+        ("/nothing/../pre/x", "/pre/x"),
+        ("//exact", "/exact"),
+        ("/pre//a", "/pre/a"),
+        ("/pre/./a", "/pre/a"),
+    ] {
+        let answer = common::raw_get(port, target).await;
+        assert_eq!(common::raw_status(&answer), 200, "{target}: {answer}");
+        assert!(
+            answer.contains(&format!("\"path\":\"{upstream_path}\"")),
+            "{target}: the upstream did not get {upstream_path}: {answer}"
+        );
+    }
+    for target in [
+        "/pre/../nothing",
+        "/exact/../../secret",
+        "/pre/%2e%2e/secret",
+    ] {
+        let answer = common::raw_get(port, target).await;
+        assert_eq!(common::raw_status(&answer), 404, "{target}: {answer}");
+        assert!(answer.contains("404 Route Not Found"), "{target}: {answer}");
+    }
+    // `%2F` is unescaped and redirected, never decided (or proxied) in its encoded form.
+    let before = stack.upstream.hits();
+    let answer = common::raw_get(port, "/pre%2F..%2Fsecret").await;
+    assert!(
+        matches!(common::raw_status(&answer), 301 | 307 | 308),
+        "{answer}"
+    );
+    assert_eq!(
+        stack.upstream.hits(),
+        before,
+        "an encoded-slash path reached the upstream"
+    );
+}
