@@ -9,12 +9,11 @@
 //! (temp file, fsync, rename) → publish → acknowledge. Publishing is incremental: a
 //! route write rebuilds only the route index; a consumer or credential write updates
 //! its own entries in the shared concurrent maps.
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::config::{FileConfig, Unmatched};
@@ -23,73 +22,13 @@ use crate::resources::{ConsumerSpec, CredentialSpec, RouteSpec, SpecError};
 use crate::runtime::Runtime;
 use crate::snapshot::{self, AuthKey, CompileError, Consumers, Route, Snapshot};
 
-/// A stored resource with APISIX's bookkeeping.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Stored<T> {
-    pub spec: T,
-    pub create_time: i64,
-    pub update_time: i64,
-    pub created_index: u64,
-    pub modified_index: u64,
-}
+mod build;
+mod layers;
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct Resources {
-    pub routes: BTreeMap<String, Stored<RouteSpec>>,
-    pub consumers: BTreeMap<String, Stored<ConsumerSpec>>,
-    /// Keyed by (username, credential id).
-    #[serde(with = "credential_map")]
-    pub credentials: CredentialMap,
-}
-
-/// JSON objects need string keys: credentials persist as `"user/id"`.
-mod credential_map {
-    use super::*;
-    use serde::{Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(map: &CredentialMap, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_map(map.iter().map(|((u, id), v)| (format!("{u}/{id}"), v)))
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<CredentialMap, D::Error> {
-        let raw = BTreeMap::<String, Stored<CredentialSpec>>::deserialize(d)?;
-        raw.into_iter()
-            .map(|(k, v)| {
-                let (u, id) = k
-                    .split_once('/')
-                    .ok_or_else(|| serde::de::Error::custom(format!("bad credential key {k:?}")))?;
-                Ok(((u.to_owned(), id.to_owned()), v))
-            })
-            .collect()
-    }
-}
-
-/// (username, credential id).
-pub type CredentialKey = (String, String);
-pub type CredentialMap = BTreeMap<CredentialKey, Stored<CredentialSpec>>;
-
-/// Deletions the Admin API made of file-declared resources.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct Tombstones {
-    #[serde(default)]
-    pub routes: BTreeSet<String>,
-    #[serde(default)]
-    pub consumers: BTreeSet<String>,
-    /// `"user/id"`.
-    #[serde(default)]
-    pub credentials: BTreeSet<String>,
-}
-
-/// The state file: the Admin API layer. JSON, which is also valid YAML.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-struct StateFile {
-    version: u32,
-    index: u64,
-    #[serde(flatten)]
-    written: Resources,
-    #[serde(default)]
-    deleted: Tombstones,
-}
+pub use build::validate;
+use build::{Built, build, duplicate_key, file_layer, now};
+pub use layers::{CredentialKey, CredentialMap, Resources, StateFile, Stored, Tombstones};
+use layers::{Undo, effective, layered, restamp, view};
 
 /// Which resource a write addresses.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -153,165 +92,6 @@ pub struct Store {
     runtime: Arc<Runtime>,
     state_path: Option<PathBuf>,
     inner: tokio::sync::Mutex<Inner>,
-}
-
-fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or_default()
-}
-
-fn file_layer(config: &FileConfig) -> Result<Resources, String> {
-    let t = now();
-    fn stored<T>(spec: T, t: i64) -> Stored<T> {
-        Stored {
-            spec,
-            create_time: t,
-            update_time: t,
-            created_index: 0,
-            modified_index: 0,
-        }
-    }
-    let mut res = Resources::default();
-    for (i, route) in config.routes.iter().enumerate() {
-        let id = route.id.clone().ok_or_else(|| {
-            format!("at `routes[{i}]`: a route in the config file needs an \"id\"")
-        })?;
-        if res
-            .routes
-            .insert(id.clone(), stored(route.clone(), t))
-            .is_some()
-        {
-            return Err(format!("at `routes[{i}].id`: duplicate route id {id:?}"));
-        }
-    }
-    for (i, entry) in config.consumers.iter().enumerate() {
-        let name = entry.consumer.username.clone();
-        if res
-            .consumers
-            .insert(name.clone(), stored(entry.consumer.clone(), t))
-            .is_some()
-        {
-            return Err(format!(
-                "at `consumers[{i}].username`: duplicate consumer {name:?}"
-            ));
-        }
-        for (j, cred) in entry.credentials.iter().enumerate() {
-            let id = cred.id.clone().ok_or_else(|| {
-                format!("at `consumers[{i}].credentials[{j}]`: a credential needs an \"id\"")
-            })?;
-            if res
-                .credentials
-                .insert((name.clone(), id.clone()), stored(cred.clone(), t))
-                .is_some()
-            {
-                return Err(format!(
-                    "at `consumers[{i}].credentials[{j}].id`: duplicate credential id {id:?}"
-                ));
-            }
-        }
-    }
-    Ok(res)
-}
-
-/// The resources in force: the file layer, minus tombstones, plus Admin writes.
-fn effective(file: &Resources, admin: &StateFile) -> Resources {
-    let mut res = file.clone();
-    res.routes
-        .retain(|id, _| !admin.deleted.routes.contains(id));
-    res.consumers
-        .retain(|u, _| !admin.deleted.consumers.contains(u));
-    res.credentials.retain(|(u, id), _| {
-        !admin.deleted.credentials.contains(&format!("{u}/{id}"))
-            && !admin.deleted.consumers.contains(u)
-    });
-    res.routes.extend(admin.written.routes.clone());
-    res.consumers.extend(admin.written.consumers.clone());
-    res.credentials.extend(admin.written.credentials.clone());
-    res.credentials
-        .retain(|(u, _), _| res.consumers.contains_key(u));
-    res
-}
-
-/// Everything compiled from a resource set, ready to publish.
-struct Built {
-    routes: HashMap<String, Arc<Route>>,
-    consumers: Arc<Consumers>,
-    consumer_keys: HashMap<String, Vec<AuthKey>>,
-    credential_keys: HashMap<(String, String), AuthKey>,
-}
-
-fn duplicate_key(key: &AuthKey) -> String {
-    format!(
-        "duplicate {} key {:?}: keys must be unique across consumers and credentials",
-        key.0, key.1
-    )
-}
-
-fn build(res: &Resources, cx: &BuildContext<'_>) -> Result<Built, String> {
-    let mut routes = HashMap::new();
-    for (id, r) in &res.routes {
-        let route = snapshot::compile_route(id, &r.spec, cx)
-            .map_err(|e| format!("at `routes[id={id}].{}`: {e}", e.path()))?;
-        routes.insert(id.clone(), Arc::new(route));
-    }
-    let consumers = Consumers::default();
-    let mut consumer_keys = HashMap::new();
-    let mut credential_keys = HashMap::new();
-    for (name, c) in &res.consumers {
-        let compiled = snapshot::compile_consumer(&c.spec, cx)
-            .map_err(|e| format!("at `consumers[username={name}].{}`: {e}", e.path()))?;
-        let mut keys = Vec::new();
-        for (key, cred) in compiled.inline_credentials {
-            if consumers.by_key.insert(key.clone(), cred).is_some() {
-                return Err(format!(
-                    "at `consumers[username={name}].plugins`: {}",
-                    duplicate_key(&key)
-                ));
-            }
-            keys.push(key);
-        }
-        consumer_keys.insert(name.clone(), keys);
-        consumers
-            .by_name
-            .insert(compiled.consumer.username.clone(), compiled.consumer);
-    }
-    for ((user, id), c) in &res.credentials {
-        let (key, cred) = snapshot::compile_credential(user, id, &c.spec, cx).map_err(|e| {
-            format!(
-                "at `consumers[username={user}].credentials[id={id}].{}`: {e}",
-                e.path()
-            )
-        })?;
-        if consumers.by_key.insert(key.clone(), cred).is_some() {
-            return Err(format!(
-                "at `consumers[username={user}].credentials[id={id}]`: {}",
-                duplicate_key(&key)
-            ));
-        }
-        credential_keys.insert((user.clone(), id.clone()), key);
-    }
-    Ok(Built {
-        routes,
-        consumers: Arc::new(consumers),
-        consumer_keys,
-        credential_keys,
-    })
-}
-
-/// Validates a whole config file without running anything (`portcullis validate`).
-pub fn validate(config: &FileConfig, file: &str) -> Result<(), LoadError> {
-    let shared = crate::plugins::Shared::default();
-    let res = file_layer(config).map_err(|error| LoadError::Resource {
-        file: file.to_owned(),
-        error,
-    })?;
-    build(&res, &BuildContext { shared: &shared }).map_err(|error| LoadError::Resource {
-        file: file.to_owned(),
-        error,
-    })?;
-    Ok(())
 }
 
 impl Store {
@@ -719,61 +499,6 @@ impl Store {
     }
 }
 
-/// What an in-place edit of the Admin layer replaced, to put back if persisting fails.
-struct Undo {
-    index: u64,
-    deleted: Tombstones,
-    routes: Vec<(String, Option<Stored<RouteSpec>>)>,
-    consumers: Vec<(String, Option<Stored<ConsumerSpec>>)>,
-    credentials: Vec<(CredentialKey, Option<Stored<CredentialSpec>>)>,
-}
-
-impl Undo {
-    fn of(admin: &StateFile) -> Self {
-        Undo {
-            index: admin.index,
-            deleted: admin.deleted.clone(),
-            routes: Vec::new(),
-            consumers: Vec::new(),
-            credentials: Vec::new(),
-        }
-    }
-
-    fn route(mut self, admin: &StateFile, id: &str) -> Self {
-        self.routes
-            .push((id.to_owned(), admin.written.routes.get(id).cloned()));
-        self
-    }
-
-    fn consumer(mut self, admin: &StateFile, name: &str) -> Self {
-        self.consumers
-            .push((name.to_owned(), admin.written.consumers.get(name).cloned()));
-        self
-    }
-
-    fn credential(mut self, admin: &StateFile, ck: &(String, String)) -> Self {
-        self.credentials
-            .push((ck.clone(), admin.written.credentials.get(ck).cloned()));
-        self
-    }
-
-    fn restore(self, admin: &mut StateFile) {
-        fn put_back<K: Ord, V>(map: &mut BTreeMap<K, V>, entries: Vec<(K, Option<V>)>) {
-            for (k, v) in entries.into_iter().rev() {
-                match v {
-                    Some(v) => map.insert(k, v),
-                    None => map.remove(&k),
-                };
-            }
-        }
-        admin.index = self.index;
-        admin.deleted = self.deleted;
-        put_back(&mut admin.written.routes, self.routes);
-        put_back(&mut admin.written.consumers, self.consumers);
-        put_back(&mut admin.written.credentials, self.credentials);
-    }
-}
-
 impl Inner {
     /// The route in force: an Admin write, else the file's unless deleted.
     fn route(&self, id: &str) -> Option<&Stored<RouteSpec>> {
@@ -807,18 +532,6 @@ impl Inner {
     }
 }
 
-/// File entries not deleted, overlaid with Admin writes, in key order.
-fn layered<'a, V>(
-    file: &'a BTreeMap<String, V>,
-    written: &'a BTreeMap<String, V>,
-    deleted: impl Fn(&String) -> bool,
-) -> impl Iterator<Item = (&'a String, &'a V)> {
-    let mut merged: BTreeMap<&'a String, &'a V> =
-        file.iter().filter(|(k, _)| !deleted(k)).collect();
-    merged.extend(written.iter());
-    merged.into_iter()
-}
-
 pub enum ListKind<'a> {
     Routes,
     Consumers,
@@ -835,29 +548,6 @@ fn parse<T: serde::de::DeserializeOwned>(body: Value) -> Result<T, WriteError> {
         };
         WriteError::Invalid(format!("invalid configuration: {at}{}", e.into_inner()))
     })
-}
-
-fn restamp<T>(spec: T, old: Option<&Stored<T>>, t: i64, index: u64) -> Stored<T> {
-    Stored {
-        spec,
-        create_time: old.map_or(t, |o| o.create_time),
-        update_time: t,
-        created_index: old.map_or(index, |o| o.created_index),
-        modified_index: index,
-    }
-}
-
-/// The `value` APISIX shows: the spec with its id and times.
-fn view<T: Serialize>(s: &Stored<T>, id: Option<&String>) -> (Value, u64, u64) {
-    let mut v = serde_json::to_value(&s.spec).unwrap_or(Value::Null);
-    if let Value::Object(map) = &mut v {
-        if let Some(id) = id {
-            map.insert("id".into(), Value::String(id.clone()));
-        }
-        map.insert("create_time".into(), s.create_time.into());
-        map.insert("update_time".into(), s.update_time.into());
-    }
-    (v, s.created_index, s.modified_index)
 }
 
 impl From<SpecError> for WriteError {
