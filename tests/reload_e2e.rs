@@ -333,3 +333,40 @@ async fn readyz_and_healthz_answer_on_the_http_port() {
         .expect("/metrics");
     assert_eq!(metrics.status(), 200);
 }
+
+/// The Admin API's writes are a layer over the file: reloading the file changes the
+/// file's routes and keeps the Admin API's, before and after a restart.
+#[tokio::test]
+async fn admin_writes_survive_a_file_reload() {
+    let mut stack = Stack::start(&version(1)).await;
+    let admin = stack.admin();
+    let (code, body) = admin
+        .put("routes/by-admin", json!({"uri": "/by-admin"}))
+        .await;
+    assert_eq!(code, 201, "{body}");
+    assert_eq!(status(&stack, "/by-admin").await, 200);
+
+    stack.portcullis.reload(&version(2));
+    wait_for_version(&stack, 2).await;
+    assert_eq!(status(&stack, "/v1").await, 404);
+    assert_eq!(
+        status(&stack, "/by-admin").await,
+        200,
+        "the Admin route after a reload"
+    );
+
+    stack.portcullis.restart().await;
+    assert_eq!(
+        status(&stack, "/v2").await,
+        200,
+        "the reloaded file after a restart"
+    );
+    assert_eq!(
+        status(&stack, "/by-admin").await,
+        200,
+        "the Admin route after a restart"
+    );
+    let (code, list) = admin.get("routes").await;
+    assert_eq!(code, 200, "{list}");
+    assert_eq!(list["total"], 3, "stable, v2 and by-admin: {list}");
+}
