@@ -446,6 +446,54 @@ async fn bad_input_is_a_400_naming_the_field() {
     assert_eq!(admin.get("consumers").await.1["total"], 0);
 }
 
+/// Concurrent writes are all acknowledged, all applied and all on disk: after a
+/// SIGKILL restart every route is there and decides.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_admin_writes_are_all_persisted() {
+    const ROUTES: usize = 60;
+    let mut stack = Stack::start("").await;
+    let admin = stack.admin();
+    let writes = (0..ROUTES).map(|i| {
+        let admin = admin.clone();
+        async move {
+            admin
+                .put(&format!("routes/c{i}"), json!({"uri": format!("/c/{i}")}))
+                .await
+        }
+    });
+    for (i, (status, body)) in futures::future::join_all(writes)
+        .await
+        .into_iter()
+        .enumerate()
+    {
+        assert_eq!(status, 201, "route c{i}: {body}");
+    }
+    let deletes = (0..ROUTES).step_by(3).map(|i| {
+        let admin = admin.clone();
+        async move { admin.delete(&format!("routes/c{i}")).await }
+    });
+    for (status, body) in futures::future::join_all(deletes).await {
+        assert_eq!(status, 200, "{body}");
+    }
+    let expected = |i: usize| if i % 3 == 0 { 404 } else { 200 };
+    for i in 0..ROUTES {
+        assert_eq!(
+            stack.get(&format!("/c/{i}")).await.status,
+            expected(i),
+            "/c/{i}"
+        );
+    }
+
+    stack.portcullis.restart().await;
+    let (status, list) = admin.get("routes").await;
+    assert_eq!(status, 200, "{list}");
+    assert_eq!(list["total"], ROUTES - ROUTES.div_ceil(3), "{list}");
+    for i in 0..ROUTES {
+        let after = stack.get(&format!("/c/{i}")).await.status;
+        assert_eq!(after, expected(i), "/c/{i} after the restart");
+    }
+}
+
 /// Match conditions portcullis cannot evaluate must not be silently dropped (that would
 /// widen the route): they are refused, naming the field.
 #[tokio::test]
