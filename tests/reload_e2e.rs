@@ -370,3 +370,100 @@ async fn admin_writes_survive_a_file_reload() {
     assert_eq!(code, 200, "{list}");
     assert_eq!(list["total"], 3, "stable, v2 and by-admin: {list}");
 }
+/// SIGTERM under load: every request is either decided right or, once portcullis is
+/// gone, failed closed by Envoy (503, never reaching the upstream) — nothing in between.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_under_load_never_decides_wrong() {
+    let stack = Arc::new(tokio::sync::Mutex::new(Stack::start(&version(1)).await));
+    let (url, client) = {
+        let s = stack.lock().await;
+        (s.url(""), s.client.clone())
+    };
+    let sent = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for c in 0..4 {
+        let (url, client, sent, stop) = (url.clone(), client.clone(), sent.clone(), stop.clone());
+        clients.push(tokio::spawn(async move {
+            let mut problems = Vec::new();
+            let mut i = 0;
+            while !stop.load(Ordering::SeqCst) {
+                i += 1;
+                let allowed = i % 2 == 0;
+                let path = if allowed {
+                    format!("/stable/{c}/{i}")
+                } else {
+                    format!("/never/{c}/{i}")
+                };
+                match client.get(format!("{url}{path}")).send().await {
+                    Err(e) => problems.push(format!("{path}: {e}")),
+                    Ok(resp) => {
+                        let reply = Reply::read(resp).await;
+                        let right = match reply.status {
+                            503 => !reply.reached_upstream(),
+                            200 => allowed && reply.reached_upstream(),
+                            404 => !allowed && !reply.reached_upstream(),
+                            _ => false,
+                        };
+                        if !right {
+                            problems.push(format!("{path}: {} {}", reply.status, reply.body));
+                        }
+                    }
+                }
+                sent.fetch_add(1, Ordering::SeqCst);
+            }
+            problems
+        }));
+    }
+    eventually(Duration::from_secs(10), "load to build up", || async {
+        sent.load(Ordering::SeqCst) >= 200
+    })
+    .await;
+    let stack_for_term = stack.clone();
+    let exit = tokio::task::spawn_blocking(move || {
+        stack_for_term
+            .blocking_lock()
+            .portcullis
+            .sigterm(Duration::from_secs(20))
+    })
+    .await
+    .expect("sigterm task");
+    let at_exit = sent.load(Ordering::SeqCst);
+    eventually(
+        Duration::from_secs(10),
+        "requests after the exit",
+        || async { sent.load(Ordering::SeqCst) >= at_exit + 100 },
+    )
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    let mut problems = Vec::new();
+    for client in clients {
+        problems.extend(client.await.expect("client task"));
+    }
+    let s = stack.lock().await;
+    assert!(
+        exit.success(),
+        "exit status {exit}\n{}",
+        s.portcullis.output()
+    );
+    assert!(
+        problems.is_empty(),
+        "{} wrong answers of {}:\n{}",
+        problems.len(),
+        sent.load(Ordering::SeqCst),
+        problems
+            .iter()
+            .take(10)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let stats = s.envoy.stats().await;
+    assert!(
+        stats
+            .lines()
+            .any(|l| l.contains("ext_authz.failure_mode_allowed: 0"))
+            || !stats.contains("failure_mode_allowed"),
+        "Envoy let requests through on error"
+    );
+}
