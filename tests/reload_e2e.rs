@@ -370,6 +370,40 @@ async fn admin_writes_survive_a_file_reload() {
     assert_eq!(code, 200, "{list}");
     assert_eq!(list["total"], 3, "stable, v2 and by-admin: {list}");
 }
+/// A stuck portcullis (SIGSTOP) is failed closed by Envoy after the shipped 0.5 s
+/// timeout — 503, never the upstream — and requests are decided again once it resumes.
+#[tokio::test]
+async fn a_stuck_portcullis_fails_closed_within_the_envoy_timeout() {
+    let stack = Stack::start(&version(1)).await;
+    assert_eq!(status(&stack, "/stable/a").await, 200);
+    let pid = stack.portcullis.pid().to_string();
+    let signal = |sig: &str| {
+        let ok = std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .expect("kill");
+        assert!(ok.success(), "kill {sig} {pid}");
+    };
+    signal("-STOP");
+    let started = std::time::Instant::now();
+    let reply = stack.get("/stable/a").await;
+    let took = started.elapsed();
+    signal("-CONT");
+    assert_eq!(reply.status, 503, "{reply:?}");
+    assert!(!reply.reached_upstream());
+    assert!(
+        took >= Duration::from_millis(450) && took < Duration::from_secs(3),
+        "Envoy gave up after {took:?}, not after its 0.5 s timeout"
+    );
+    eventually(
+        Duration::from_secs(5),
+        "decisions after SIGCONT",
+        || async { status(&stack, "/stable/a").await == 200 },
+    )
+    .await;
+    assert_eq!(status(&stack, "/never").await, 404);
+}
+
 /// SIGTERM under load: every request is either decided right or, once portcullis is
 /// gone, failed closed by Envoy (503, never reaching the upstream) — nothing in between.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
