@@ -41,9 +41,8 @@ pub struct Portcullis {
 }
 
 impl Portcullis {
-    /// Writes `yaml` — with `listen` set to fresh loopback ports and, unless the YAML sets
-    /// one, `state_file` inside the test directory — to `<dir>/portcullis.yaml`, starts
-    /// the binary on it and returns once `/readyz` answers 200.
+    /// Writes `yaml` as [`Portcullis::render`] completes it to `<dir>/portcullis.yaml`,
+    /// starts the binary on it and returns once `/readyz` answers 200.
     pub async fn start(yaml: &str) -> Self {
         let mut p = Portcullis {
             ports: PortcullisPorts::fresh(),
@@ -78,8 +77,9 @@ impl Portcullis {
         self.dir().join("portcullis-state.yaml")
     }
 
-    /// The YAML the binary reads for `yaml`: `listen` forced to this instance's ports and
-    /// `state_file` defaulted into the test directory.
+    /// The YAML the binary reads for `yaml`: `listen` forced to this instance's ports,
+    /// `state_file` defaulted into the test directory and, unless the YAML has an `admin`
+    /// block, the Admin API switched on with `api_key: $env://ADMIN_API_KEY`.
     pub fn render(&self, yaml: &str) -> String {
         let mut doc: Yaml = serde_yaml::from_str(yaml)
             .unwrap_or_else(|e| panic!("test config is not YAML: {e}\n{yaml}"));
@@ -98,6 +98,11 @@ impl Portcullis {
             listen.insert(key.into(), format!("127.0.0.1:{port}").into());
         }
         map.insert("listen".into(), Yaml::Mapping(listen));
+        if !map.contains_key("admin") {
+            let mut admin = Mapping::new();
+            admin.insert("api_key".into(), "$env://ADMIN_API_KEY".into());
+            map.insert("admin".into(), Yaml::Mapping(admin));
+        }
         if !map.contains_key("state_file") {
             let state = self.state_path().display().to_string();
             map.insert("state_file".into(), state.into());
