@@ -148,6 +148,14 @@ pub async fn handle(
         Decision::Allow(allow) => {
             let mut out = allow.upstream_set;
             out.extend(allow.client_headers);
+            // Envoy's HTTP ext_authz removes these from the upstream request; without
+            // it a client's own X-Consumer-Username would reach the upstream.
+            if !allow.upstream_remove.is_empty() {
+                out.push((
+                    "x-envoy-auth-headers-to-remove".into(),
+                    allow.upstream_remove.join(","),
+                ));
+            }
             (StatusCode::OK, out, String::new())
         }
         Decision::Deny(deny) => (
