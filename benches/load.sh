@@ -8,8 +8,8 @@
 #
 # Starts, all on 127.0.0.1 with free ports: Debian's nginx (the upstream, a small
 # body; also the JWKS/discovery documents and the forward-auth service), portcullis
-# (release build unless --portcullis is given), and Envoy 1.40 with three listeners:
-# no auth filter, Envoy's native jwt_authn (HS256, inline local JWKS), and ext_authz
+# (release build unless --portcullis is given), and Envoy 1.40 running the shipped
+# envoy/envoy.yaml as three listeners that differ only in their auth filter: none, Envoy's native jwt_authn (HS256, inline local JWKS), and ext_authz
 # calling portcullis. wrk drives the listeners; h2load drives portcullis's gRPC Check
 # directly (content-type application/grpc, te: trailers, a length-prefixed
 # CheckRequest). Rows run interleaved (row 1..k, then again) and the table quotes the
@@ -224,7 +224,7 @@ for r in "${PC_ROWS[@]}"; do
   if out=$("$PORTCULLIS" validate --config "$WORK/probe-$r.yaml" 2>&1); then
     ENABLED+=("$r")
   else
-    SKIP[$r]=$(printf '%s' "$out" | tr '\n' ' ' | cut -c1-160)
+    SKIP[$r]=$(printf '%s' "$out" | tr '\n' ' ' | sed 's/.*err: //' | cut -c1-120)
   fi
 done
 {
@@ -238,84 +238,9 @@ done
 RUST_LOG=warn "$PORTCULLIS" serve --config "$WORK/portcullis.yaml" >"$WORK/portcullis.log" 2>&1 &
 PIDS+=($!)
 
-# --- Envoy: three listeners sharing one upstream cluster ------------------------
-listener() { # name, port, extra http_filters (YAML, indented 10)
-  cat <<EOF
-  - name: $1
-    address: { socket_address: { address: 127.0.0.1, port_value: $2 } }
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: $1
-          route_config:
-            virtual_hosts:
-            - name: all
-              domains: ["*"]
-              routes: [ { match: { prefix: "/" }, route: { cluster: upstream } } ]
-          http_filters:
-$3
-          - name: envoy.filters.http.router
-            typed_config: { "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }
-EOF
-}
-JWTN_FILTER=$(cat <<EOF
-          - name: envoy.filters.http.jwt_authn
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication
-              providers:
-                bench:
-                  issuer: bench
-                  forward: true
-                  local_jwks: { inline_string: '$HS_JWKS' }
-              rules: [ { match: { prefix: "/" }, requires: { provider_name: bench } } ]
-EOF
-)
-# The ext_authz settings the shipped envoy/envoy.yaml uses (contract): gRPC over
-# HTTP/2, V3, fail closed, a deliberate timeout, the request body, no peer cert.
-AUTHZ_FILTER=$(cat <<EOF
-          - name: envoy.filters.http.ext_authz
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz
-              transport_api_version: V3
-              failure_mode_allow: false
-              include_peer_certificate: false
-              with_request_body: { max_request_bytes: 8192, allow_partial_message: true }
-              grpc_service:
-                envoy_grpc: { cluster_name: portcullis }
-                timeout: 1s
-EOF
-)
-{
-  cat <<EOF
-admin: { address: { socket_address: { address: 127.0.0.1, port_value: $ENVOY_ADMIN } } }
-static_resources:
-  listeners:
-EOF
-  listener plain "$PLAIN_PORT" ""
-  listener jwt_authn "$JWTN_PORT" "$JWTN_FILTER"
-  listener ext_authz "$AUTHZ_PORT" "$AUTHZ_FILTER"
-  cat <<EOF
-  clusters:
-  - name: upstream
-    connect_timeout: 1s
-    type: STATIC
-    load_assignment:
-      cluster_name: upstream
-      endpoints: [ { lb_endpoints: [ { endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: $UP_PORT } } } } ] } ]
-  - name: portcullis
-    connect_timeout: 1s
-    type: STATIC
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: { http2_protocol_options: {} }
-    load_assignment:
-      cluster_name: portcullis
-      endpoints: [ { lb_endpoints: [ { endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: $GRPC_PORT } } } } ] } ]
-EOF
-} >"$WORK/envoy.yaml"
+# --- Envoy: the shipped envoy/envoy.yaml, as three listeners ----------------------
+python3 "$ROOT/benches/envoy_config.py" "$ROOT/envoy/envoy.yaml" "$WORK/envoy.yaml" \
+  "$ENVOY_ADMIN" "$UP_PORT" "$GRPC_PORT" "$PLAIN_PORT" "$JWTN_PORT" "$AUTHZ_PORT" "$HS_JWKS"
 envoy -c "$WORK/envoy.yaml" --concurrency "$CONCURRENCY" --base-id "$((ENVOY_ADMIN % 60000))" \
   -l warn >"$WORK/envoy.log" 2>&1 &
 PIDS+=($!)
