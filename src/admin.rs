@@ -42,7 +42,10 @@ pub fn router(state: AdminState) -> Router {
                 .patch(patch_consumer)
                 .delete(delete_consumer),
         )
-        .route("/consumers/{username}/credentials", get(list_credentials))
+        .route(
+            "/consumers/{username}/credentials",
+            get(list_credentials).put(put_credential_body),
+        )
         .route(
             "/consumers/{username}/credentials/{id}",
             get(get_credential)
@@ -392,6 +395,23 @@ async fn put_credential(
         Err(r) => return r.into_response(),
     };
     match id_from(Some(&id), &mut body, "id") {
+        Ok(id) => put(&s.store, ResourceId::Credential(u, id), body).await,
+        Err(r) => r.into_response(),
+    }
+}
+
+/// `PUT /consumers/{username}/credentials` with the id in the body, as the APISIX
+/// docs write it.
+async fn put_credential_body(
+    State(s): State<AdminState>,
+    Path(u): Path<String>,
+    body: Bytes,
+) -> Response {
+    let mut body = match body_json(&body) {
+        Ok(v) => v,
+        Err(r) => return r.into_response(),
+    };
+    match id_from(None, &mut body, "id") {
         Ok(id) => put(&s.store, ResourceId::Credential(u, id), body).await,
         Err(r) => r.into_response(),
     }
