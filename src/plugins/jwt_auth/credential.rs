@@ -60,7 +60,7 @@ pub struct Credential {
     pub key: DecodingKey,
     /// Seconds of clock skew tolerated on `exp` and `nbf`.
     pub lifetime_grace_period: u64,
-    /// APISIX's token lifetime for tokens it signs; kept for the Admin API view only.
+    /// APISIX's lifetime for tokens it signs; portcullis signs none, so unused.
     pub exp: u64,
 }
 

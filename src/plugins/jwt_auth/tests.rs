@@ -402,9 +402,7 @@ async fn token_alg_must_equal_the_credential_alg() {
 #[tokio::test]
 async fn rs256_credential_refuses_hs256_signed_with_its_public_key() {
     let (_, public) = rsa_keys();
-    let w = doc_world(json!({}));
-    let mut w2 = w;
-    w2.swap(
+    let w2 = World::new(
         json!([{"id": "jwt-route", "uri": "/headers", "plugins": {"jwt-auth": {}}}]),
         jack(json!({"key": "jack-key", "algorithm": "RS256", "public_key": public})),
     );
