@@ -586,3 +586,163 @@ async fn admin_writes_survive_a_restart() {
     assert_eq!(status, 200);
     assert_eq!(jack_after["value"], jack_before["value"]);
 }
+
+/// The APISIX jwt-auth docs' token for `jack-key` (HS256, only `nbf`), signed with
+/// `jack-hs256-secret-that-is-very-long`.
+const JACK_TOKEN: &str = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJrZXkiOiJqYWNrLWtleSIsIm5iZiI6MTcyOTEzMjI3MX0.UEPXy5jpid624T1XpfjM0PLY73LZPjV3Qt8yZ92kVuU";
+
+async fn with_token(stack: &Stack, path: &str) -> common::Reply {
+    let request = stack
+        .request(Method::GET, path)
+        .header("Authorization", JACK_TOKEN)
+        // A forged identity must be overwritten, never sent next to ours.
+        .header("X-Consumer-Username", "mallory")
+        .header("X-Credential-Identifier", "forged");
+    stack.send(request).await
+}
+
+/// The jwt-auth walkthrough of the APISIX docs, step by step through the Admin API:
+/// consumer, credential, route; then the credential's whole life cycle, each step
+/// deciding the next request through Envoy.
+#[tokio::test]
+async fn credentials_crud_follows_apisix_and_decides_the_next_request() {
+    let stack = Stack::start("").await;
+    let admin = stack.admin();
+
+    let (status, body) = admin.put("consumers", json!({"username": "jack"})).await;
+    assert_eq!(status, 201, "{body}");
+    let credential = json!({
+        "plugins": { "jwt-auth": { "key": "jack-key", "secret": "jack-hs256-secret-that-is-very-long" } }
+    });
+    let (status, created) = admin
+        .put(
+            "consumers/jack/credentials/cred-jack-jwt-auth",
+            credential.clone(),
+        )
+        .await;
+    assert_eq!(status, 201, "{created}");
+    assert_eq!(
+        created["key"],
+        "/apisix/consumers/jack/credentials/cred-jack-jwt-auth"
+    );
+    assert_eq!(created["value"]["id"], "cred-jack-jwt-auth");
+    assert_eq!(created["value"]["plugins"]["jwt-auth"]["key"], "jack-key");
+    let (status, route) = admin
+        .put(
+            "routes/jwt-route",
+            json!({"uri": "/headers", "plugins": {"jwt-auth": {}}}),
+        )
+        .await;
+    assert_eq!(status, 201, "{route}");
+
+    // The token authenticates jack through that credential; the forged headers are gone.
+    let reply = with_token(&stack, "/headers").await;
+    let seen = reply.echoed();
+    assert_eq!(
+        seen.header_all("x-consumer-username"),
+        ["jack"],
+        "{:?}",
+        seen.header_list
+    );
+    assert_eq!(
+        seen.header_all("x-credential-identifier"),
+        ["cred-jack-jwt-auth"]
+    );
+    assert_eq!(stack.get("/headers").await.status, 401, "no token");
+
+    // Read, list, replace, patch.
+    let (status, got) = admin
+        .get("consumers/jack/credentials/cred-jack-jwt-auth")
+        .await;
+    assert_eq!(status, 200, "{got}");
+    assert_eq!(
+        got["key"],
+        "/apisix/consumers/jack/credentials/cred-jack-jwt-auth"
+    );
+    let (status, list) = admin.get("consumers/jack/credentials").await;
+    assert_eq!(status, 200, "{list}");
+    assert_eq!(list["total"], 1);
+    assert_eq!(list["list"][0]["value"]["id"], "cred-jack-jwt-auth");
+    let (status, replaced) = admin
+        .put(
+            "consumers/jack/credentials/cred-jack-jwt-auth",
+            credential.clone(),
+        )
+        .await;
+    assert_eq!(status, 200, "{replaced}");
+    let (status, patched) = admin
+        .patch(
+            "consumers/jack/credentials/cred-jack-jwt-auth",
+            json!({"desc": "jack's key"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{patched}");
+    assert_eq!(patched["value"]["desc"], "jack's key");
+    assert_eq!(patched["value"]["plugins"]["jwt-auth"]["key"], "jack-key");
+    assert_eq!(with_token(&stack, "/headers").await.status, 200);
+
+    // The same key for another consumer is refused.
+    let (status, body) = admin.put("consumers", json!({"username": "rose"})).await;
+    assert_eq!(status, 201, "{body}");
+    let answer = admin
+        .put("consumers/rose/credentials/rose-jwt", credential.clone())
+        .await;
+    assert_bad_request(&answer, "jack-key");
+
+    // A new secret takes effect on the next request.
+    let rotated = json!({"plugins": {"jwt-auth": {"key": "jack-key", "secret": "another-secret-that-is-long-enough"}}});
+    let (status, body) = admin
+        .put("consumers/jack/credentials/cred-jack-jwt-auth", rotated)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        with_token(&stack, "/headers").await.status,
+        401,
+        "old secret still accepted"
+    );
+    let (status, body) = admin
+        .put(
+            "consumers/jack/credentials/cred-jack-jwt-auth",
+            credential.clone(),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(with_token(&stack, "/headers").await.status, 200);
+
+    // Delete: the token stops working at once.
+    let (status, deleted) = admin
+        .delete("consumers/jack/credentials/cred-jack-jwt-auth")
+        .await;
+    assert_eq!(
+        (status, deleted),
+        (
+            200,
+            json!({"deleted": "1", "key": "/apisix/consumers/jack/credentials/cred-jack-jwt-auth"})
+        )
+    );
+    assert_eq!(
+        with_token(&stack, "/headers").await.status,
+        401,
+        "deleted credential still works"
+    );
+    let (status, gone) = admin
+        .get("consumers/jack/credentials/cred-jack-jwt-auth")
+        .await;
+    assert_eq!(status, 404, "{gone}");
+
+    // Deleting a consumer takes its credentials with it.
+    let (status, body) = admin
+        .put("consumers/jack/credentials/again", credential)
+        .await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(with_token(&stack, "/headers").await.status, 200);
+    let (status, body) = admin.delete("consumers/jack").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        with_token(&stack, "/headers").await.status,
+        401,
+        "credential of a deleted consumer"
+    );
+    let answer = admin.get("consumers/jack/credentials").await;
+    assert_bad_request(&answer, "consumer not found");
+}

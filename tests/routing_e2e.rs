@@ -432,3 +432,51 @@ async fn paths_are_normalised_before_the_decision() {
         "an encoded-slash path reached the upstream"
     );
 }
+
+/// Which of several matching routes decides, made visible by putting jwt-auth (401
+/// without a token) on one and nothing on the other: exact before prefix, the longest
+/// prefix first, and higher `priority` first among routes on the same uri.
+#[tokio::test]
+async fn exact_longest_prefix_and_priority_pick_the_route() {
+    let yaml = r#"
+routes:
+  - { id: exact-guarded, uri: /p/x, plugins: { jwt-auth: {} } }
+  - { id: prefix-open, uri: "/p/*" }
+  - { id: longer-guarded, uri: "/p/q/*", plugins: { jwt-auth: {} } }
+  - { id: low-open, uri: /prio, priority: 0 }
+  - { id: high-guarded, uri: /prio, priority: 10, plugins: { jwt-auth: {} } }
+  - { id: host-open, uri: /h, host: a.example.com, priority: 0 }
+  - { id: any-host-guarded, uri: /h, priority: 5, plugins: { jwt-auth: {} } }
+"#;
+    let stack = Stack::start(yaml).await;
+    assert_eq!(stack.get("/p/x").await.status, 401, "exact beats prefix");
+    assert_passes(&stack.get("/p/y").await, "prefix");
+    assert_eq!(
+        stack.get("/p/q/z").await.status,
+        401,
+        "longest prefix first"
+    );
+    assert_eq!(stack.get("/prio").await.status, 401, "priority 10 before 0");
+    assert_eq!(
+        with_host(&stack, "/h", "a.example.com").await.status,
+        401,
+        "priority before host"
+    );
+
+    // Swapping the priorities swaps the decision on the next request.
+    let admin = stack.admin();
+    let (status, body) = admin
+        .patch("routes/low-open", json!({"priority": 20}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_passes(&stack.get("/prio").await, "priority 20 before 10");
+    // Equal priorities: the route whose other conditions fail is skipped.
+    let (status, body) = admin
+        .patch("routes/any-host-guarded", json!({"host": "b.example.com"}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_passes(
+        &with_host(&stack, "/h", "a.example.com").await,
+        "host filters before priority",
+    );
+}
