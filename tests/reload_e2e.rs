@@ -501,3 +501,47 @@ async fn sigterm_under_load_never_decides_wrong() {
         "Envoy let requests through on error"
     );
 }
+
+/// While draining, health turns NOT_SERVING (a `Watch` sees it), and an open `Watch`
+/// stream does not hold the exit up.
+#[tokio::test]
+async fn sigterm_turns_health_not_serving_and_a_watch_does_not_block_the_exit() {
+    let mut p = Portcullis::start("routes: []").await;
+    let channel = tonic::transport::Endpoint::from_shared(p.grpc_endpoint())
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    let mut health = HealthClient::new(channel);
+    let mut watch = health
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let first = watch
+        .message()
+        .await
+        .expect("first status")
+        .expect("a status");
+    assert_eq!(first.status(), ServingStatus::Serving);
+
+    let started = std::time::Instant::now();
+    let exit = tokio::task::spawn_blocking(move || {
+        let exit = p.sigterm(Duration::from_secs(20));
+        (exit, p)
+    });
+    let next = tokio::time::timeout(Duration::from_secs(5), watch.message()).await;
+    let (exit, p) = exit.await.expect("sigterm task");
+    assert!(exit.success(), "exit status {exit}\n{}", p.output());
+    match next {
+        Ok(Ok(Some(status))) => assert_eq!(status.status(), ServingStatus::NotServing),
+        other => panic!("the Watch saw no NOT_SERVING before the exit: {other:?}"),
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "SIGTERM took {:?} with a Watch stream open",
+        started.elapsed()
+    );
+}
