@@ -83,7 +83,7 @@ pub async fn serve(opts: Options) -> Result<(), ServeError> {
     };
 
     // gRPC: ext_authz, health, reflection.
-    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    let (mut health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
         .set_service_status(SERVICE_NAME, ServingStatus::Serving)
         .await;
@@ -158,12 +158,18 @@ pub async fn serve(opts: Options) -> Result<(), ServeError> {
     shutdown_signal().await;
     tracing::info!("shutting down: draining in-flight Checks");
     runtime.start_draining();
-    health_reporter
-        .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
-        .await;
-    health_reporter
-        .set_service_status("", ServingStatus::NotServing)
-        .await;
+    for service in [SERVICE_NAME, ""] {
+        health_reporter
+            .set_service_status(service, ServingStatus::NotServing)
+            .await;
+    }
+    // Watch streams end only when their status is cleared; an open one (client-side
+    // health checking) would otherwise hold the graceful shutdown for the whole drain
+    // timeout. Watchers have just been told NOT_SERVING.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    for service in [SERVICE_NAME, ""] {
+        health_reporter.clear_service_status(service).await;
+    }
     let _ = stop_tx.send(true);
     let drain = async {
         let _ = grpc.await;
