@@ -56,8 +56,7 @@ fn default_exp() -> i64 {
 pub struct Credential {
     /// The algorithm as APISIX spells it; a token's `alg` must equal it exactly.
     pub algorithm_name: &'static str,
-    pub algorithm: Algorithm,
-    pub key: DecodingKey,
+    pub key: VerifyKey,
     /// Seconds of clock skew tolerated on `exp` and `nbf`.
     pub lifetime_grace_period: u64,
     /// APISIX's lifetime for tokens it signs; portcullis signs none, so unused.
@@ -73,8 +72,7 @@ const ALGORITHMS: &[(&str, Option<Algorithm>)] = &[
     ("RS512", Some(Algorithm::RS512)),
     ("ES256", Some(Algorithm::ES256)),
     ("ES384", Some(Algorithm::ES384)),
-    // In APISIX's enum, but jsonwebtoken has no P-521 verifier: refused with a
-    // clear message rather than accepted and failing every request.
+    // jsonwebtoken has no P-521 verifier: `VerifyKey::Es512` uses the p521 crate.
     ("ES512", None),
     ("PS256", Some(Algorithm::PS256)),
     ("PS384", Some(Algorithm::PS384)),
@@ -107,28 +105,80 @@ impl Credential {
                 names.join(", ")
             ));
         };
-        let Some(algorithm) = algorithm else {
-            return Err(format!(
-                "algorithm {algorithm_name} is not supported by portcullis (no P-521 verifier); \
-                 use ES256 or ES384"
-            ));
-        };
-        let key = if algorithm_name.starts_with("HS") {
-            hmac_key(&conf)?
-        } else {
-            public_key(&conf, algorithm)?
+        let key = match algorithm {
+            None => VerifyKey::Es512(es512_key(&conf)?),
+            Some(algorithm) if algorithm_name.starts_with("HS") => VerifyKey::Jwt {
+                key: hmac_key(&conf)?,
+                algorithm,
+            },
+            Some(algorithm) => VerifyKey::Jwt {
+                key: public_key(&conf, algorithm)?,
+                algorithm,
+            },
         };
         Ok((
             conf.key,
             Credential {
                 algorithm_name,
-                algorithm,
                 key,
                 lifetime_grace_period: conf.lifetime_grace_period as u64,
                 exp: conf.exp as u64,
             },
         ))
     }
+}
+
+/// The key a credential verifies signatures with, decoded once.
+pub enum VerifyKey {
+    Jwt {
+        key: DecodingKey,
+        algorithm: Algorithm,
+    },
+    /// ECDSA P-521 with SHA-512 (ES512).
+    Es512(p521::ecdsa::VerifyingKey),
+}
+
+impl std::fmt::Debug for VerifyKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VerifyKey::Jwt { algorithm, .. } => write!(f, "VerifyKey::Jwt({algorithm:?})"),
+            VerifyKey::Es512(_) => f.write_str("VerifyKey::Es512"),
+        }
+    }
+}
+
+impl VerifyKey {
+    /// Verifies `signature` (base64url, as in the token) over `signing_input`.
+    pub fn verify(&self, signature: &str, signing_input: &[u8]) -> Result<bool, String> {
+        match self {
+            VerifyKey::Jwt { key, algorithm } => {
+                jsonwebtoken::crypto::verify(signature, signing_input, key, *algorithm)
+                    .map_err(|e| e.to_string())
+            }
+            VerifyKey::Es512(key) => {
+                use base64::Engine as _;
+                use p521::ecdsa::signature::Verifier as _;
+                let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .decode(signature)
+                    .map_err(|e| format!("signature is not base64url: {e}"))?;
+                // r || s, 66 bytes each; zero or out-of-range scalars are refused here.
+                let sig = p521::ecdsa::Signature::from_slice(&raw)
+                    .map_err(|_| "not a P-521 signature (r || s, 132 bytes)".to_string())?;
+                Ok(key.verify(signing_input, &sig).is_ok())
+            }
+        }
+    }
+}
+
+fn es512_key(conf: &Conf) -> Result<p521::ecdsa::VerifyingKey, String> {
+    use p521::pkcs8::DecodePublicKey as _;
+    let Some(pem) = conf.public_key.as_deref().filter(|p| !p.is_empty()) else {
+        return Err("missing valid public key".into());
+    };
+    let key = p521::PublicKey::from_public_key_pem(pem)
+        .map_err(|e| format!("invalid public_key for ES512: expected a P-521 key ({e})"))?;
+    p521::ecdsa::VerifyingKey::from_sec1_bytes(&key.to_sec1_bytes())
+        .map_err(|e| format!("invalid public_key for ES512: {e}"))
 }
 
 fn hmac_key(conf: &Conf) -> Result<DecodingKey, String> {

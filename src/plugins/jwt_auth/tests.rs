@@ -777,7 +777,7 @@ fn asymmetric_credentials_need_a_matching_public_key() {
     );
     assert!(
         cred_err(json!({"key": "k", "algorithm": "ES512", "public_key": P384_PUBLIC}))
-            .contains("not supported")
+            .contains("expected a P-521 key")
     );
     // A secret is not a substitute for the public key.
     assert_eq!(
@@ -932,4 +932,44 @@ async fn a_missing_anonymous_consumer_is_invalid_user_authorization() {
     let d = w.check("/anything", &[]).await;
     assert_401(&d, "Invalid user authorization");
     assert!(denied(&d).reason.contains("anonymous"));
+}
+
+#[test]
+fn es512_verifies_with_p521_and_refuses_forged_signatures() {
+    use base64::Engine as _;
+    use p521::ecdsa::signature::Signer as _;
+    use p521::pkcs8::EncodePublicKey as _;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let signing = p521::ecdsa::SigningKey::random(&mut p521::elliptic_curve::rand_core::OsRng);
+    let public = p521::PublicKey::from_sec1_bytes(
+        &p521::ecdsa::VerifyingKey::from(&signing)
+            .to_encoded_point(false)
+            .to_bytes(),
+    )
+    .unwrap()
+    .to_public_key_pem(Default::default())
+    .unwrap();
+    let (_, cred) =
+        Credential::compile(&json!({"key": "k", "algorithm": "ES512", "public_key": public}))
+            .expect("a P-521 key compiles");
+    let input = format!(
+        "{}.{}",
+        b64.encode(r#"{"alg":"ES512"}"#),
+        b64.encode(r#"{"key":"k"}"#)
+    );
+    let sig: p521::ecdsa::Signature = signing.sign(input.as_bytes());
+    let sig = b64.encode(sig.to_bytes());
+    assert_eq!(cred.key.verify(&sig, input.as_bytes()), Ok(true));
+    assert_eq!(cred.key.verify(&sig, b"tampered.input"), Ok(false));
+    // The psychic signature: r = s = 0.
+    assert!(
+        cred.key
+            .verify(&b64.encode([0u8; 132]), input.as_bytes())
+            .is_err()
+    );
+    assert!(
+        cred.key
+            .verify(&b64.encode([1u8; 64]), input.as_bytes())
+            .is_err()
+    );
 }

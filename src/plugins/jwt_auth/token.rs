@@ -129,12 +129,10 @@ pub fn verify(
     if token.signature.is_empty() {
         return Err("empty signature".into());
     }
-    match jsonwebtoken::crypto::verify(
-        token.signature,
-        token.signing_input.as_bytes(),
-        &cred.key,
-        cred.algorithm,
-    ) {
+    match cred
+        .key
+        .verify(token.signature, token.signing_input.as_bytes())
+    {
         Ok(true) => {}
         Ok(false) => return Err("signature mismatch".into()),
         Err(e) => return Err(format!("signature not verifiable: {e}")),
