@@ -494,6 +494,25 @@ async fn concurrent_admin_writes_are_all_persisted() {
     }
 }
 
+/// The credential id may come in the body, as the README's walkthrough writes it
+/// (`PUT /consumers/jack/credentials -d '{"id":...}'`), like route ids and usernames.
+#[tokio::test]
+async fn credential_id_may_come_in_the_body() {
+    let stack = Stack::start("consumers: [{username: jack}]").await;
+    let admin = stack.admin();
+    let body = json!({"id": "c1", "plugins": {"no-such-auth": {}}});
+    let (status, answer) = admin.put("consumers/jack/credentials", body).await;
+    // Refused for the plugin, not for the method or a missing id.
+    assert_bad_request(&(status, answer), "no-such-auth");
+    let (status, answer) = admin
+        .put("consumers/jack/credentials", json!({"plugins": {}}))
+        .await;
+    assert_bad_request(&(status, answer), "id");
+    let body = json!({"id": "other", "plugins": {}});
+    let (status, answer) = admin.put("consumers/jack/credentials/c1", body).await;
+    assert_bad_request(&(status, answer), "id");
+}
+
 /// Match conditions portcullis cannot evaluate must not be silently dropped (that would
 /// widen the route): they are refused, naming the field.
 #[tokio::test]

@@ -370,7 +370,7 @@ async fn admin_writes_survive_a_file_reload() {
     assert_eq!(code, 200, "{list}");
     assert_eq!(list["total"], 3, "stable, v2 and by-admin: {list}");
 }
-/// A stuck portcullis (SIGSTOP) is failed closed by Envoy after the shipped 0.5 s
+/// A stuck portcullis (SIGSTOP) is failed closed by Envoy after the shipped 4 s
 /// timeout — 503, never the upstream — and requests are decided again once it resumes.
 #[tokio::test]
 async fn a_stuck_portcullis_fails_closed_within_the_envoy_timeout() {
@@ -392,8 +392,8 @@ async fn a_stuck_portcullis_fails_closed_within_the_envoy_timeout() {
     assert_eq!(reply.status, 503, "{reply:?}");
     assert!(!reply.reached_upstream());
     assert!(
-        took >= Duration::from_millis(450) && took < Duration::from_secs(3),
-        "Envoy gave up after {took:?}, not after its 0.5 s timeout"
+        took >= Duration::from_millis(3900) && took < Duration::from_secs(7),
+        "Envoy gave up after {took:?}, not after its 4 s timeout"
     );
     eventually(
         Duration::from_secs(5),

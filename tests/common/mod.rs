@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 #[allow(unused_imports)]
 pub use admin::Admin;
 #[allow(unused_imports)]
-pub use echo::{ECHO_MARKER, EchoUpstream, Echoed};
+pub use echo::{Answer, ECHO_MARKER, EchoUpstream, Echoed, TestServer};
 #[allow(unused_imports)]
 pub use envoy::{Envoy, EnvoyPorts, TEMPLATED_PORTS, envoy_bin};
 #[allow(unused_imports)]
