@@ -93,6 +93,134 @@ fn route_matching(c: &mut Criterion) {
     }
 }
 
+const FAR_FUTURE: u64 = 4_102_444_800; // 2100-01-01
+
+fn sign(alg: jsonwebtoken::Algorithm, key: &jsonwebtoken::EncodingKey, user_key: &str) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(alg),
+        &serde_json::json!({ "key": user_key, "exp": FAR_FUTURE }),
+        key,
+    )
+    .expect("sign bench token")
+}
+
+/// Indents a PEM block for a YAML `|` scalar.
+fn yaml_block(pem: &str, indent: usize) -> String {
+    pem.lines()
+        .map(|l| format!("{}{l}\n", " ".repeat(indent)))
+        .collect()
+}
+
+fn jwt_auth(c: &mut Criterion) {
+    use jsonwebtoken::{Algorithm, EncodingKey};
+    use p256::pkcs8::{EncodePrivateKey, EncodePublicKey, LineEnding};
+    use rsa::pkcs1::EncodeRsaPrivateKey;
+
+    let hs_secret = "bench-secret-0123456789abcdef0123456789";
+    let rsa = rsa::RsaPrivateKey::new(&mut rsa::rand_core::OsRng, 2048).expect("RSA key");
+    let rsa_public = rsa
+        .to_public_key()
+        .to_public_key_pem(LineEnding::LF)
+        .expect("RSA public PEM");
+    let rsa_private = rsa.to_pkcs1_pem(LineEnding::LF).expect("RSA private PEM");
+    let ec = p256::SecretKey::random(&mut rsa::rand_core::OsRng);
+    let ec_public = ec
+        .public_key()
+        .to_public_key_pem(LineEnding::LF)
+        .expect("EC public PEM");
+    let ec_private = ec.to_pkcs8_pem(LineEnding::LF).expect("EC private PEM");
+
+    let yaml = format!(
+        "routes:\n  - {{ id: jwt, uri: \"/jwt/*\", plugins: {{ jwt-auth: {{}} }} }}\n\
+         consumers:\n\
+         \x20 - username: hs\n    credentials: [ {{ id: c, plugins: {{ jwt-auth: {{ key: hs, secret: {hs_secret} }} }} }} ]\n\
+         \x20 - username: rs\n    credentials:\n      - id: c\n        plugins:\n          jwt-auth:\n            key: rs\n            algorithm: RS256\n            public_key: |\n{}\
+         \x20 - username: es\n    credentials:\n      - id: c\n        plugins:\n          jwt-auth:\n            key: es\n            algorithm: ES256\n            public_key: |\n{}",
+        yaml_block(&rsa_public, 14),
+        yaml_block(&ec_public, 14),
+    );
+    let runtime = runtime_from(&yaml);
+    let tokens = [
+        (
+            "HS256",
+            sign(
+                Algorithm::HS256,
+                &EncodingKey::from_secret(hs_secret.as_bytes()),
+                "hs",
+            ),
+        ),
+        (
+            "RS256",
+            sign(
+                Algorithm::RS256,
+                &EncodingKey::from_rsa_pem(rsa_private.as_bytes()).expect("RSA PEM"),
+                "rs",
+            ),
+        ),
+        (
+            "ES256",
+            sign(
+                Algorithm::ES256,
+                &EncodingKey::from_ec_pem(ec_private.as_bytes()).expect("EC PEM"),
+                "es",
+            ),
+        ),
+    ];
+    for (alg, token) in &tokens {
+        let msg = support::check_request(
+            "/jwt/item",
+            &[("authorization", &format!("Bearer {token}"))],
+        );
+        bench_check(c, "jwt-auth", alg, &runtime, &msg, Code::Ok);
+    }
+}
+
+/// 100k consumers, one jwt-auth credential each: the credential index lookup on its
+/// own, and a whole HS256 Check against that snapshot.
+fn credential_lookup(c: &mut Criterion) {
+    const N: usize = 100_000;
+    let mut yaml = String::from(
+        "routes:\n  - { id: jwt, uri: \"/jwt/*\", plugins: { jwt-auth: {} } }\nconsumers:\n",
+    );
+    for i in 0..N {
+        yaml.push_str(&format!(
+            "  - {{ username: user{i}, credentials: [ {{ id: c, plugins: {{ jwt-auth: {{ key: key{i}, secret: secret-{i}-0123456789abcdef }} }} }} ] }}\n"
+        ));
+    }
+    let runtime = runtime_from(&yaml);
+    let wanted = format!("key{}", N / 2);
+    let snapshot = runtime.snapshot();
+    assert!(snapshot.consumers.credential("jwt-auth", &wanted).is_some());
+    c.benchmark_group("credential lookup").bench_function(
+        BenchmarkId::from_parameter("100k consumers"),
+        |b| {
+            b.iter(|| {
+                snapshot
+                    .consumers
+                    .credential("jwt-auth", std::hint::black_box(&wanted))
+            })
+        },
+    );
+    let secret = format!("secret-{}-0123456789abcdef", N / 2);
+    let token = sign(
+        jsonwebtoken::Algorithm::HS256,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+        &wanted,
+    );
+    let msg = support::check_request(
+        "/jwt/item",
+        &[("authorization", &format!("Bearer {token}"))],
+    );
+    bench_check(
+        c,
+        "jwt-auth",
+        "HS256, 100k consumers",
+        &runtime,
+        &msg,
+        Code::Ok,
+    );
+}
+
 fn setup() {
     // As `portcullis serve`: the Prometheus recorder receives every Check's metrics.
     let _ = portcullis::telemetry::init_metrics();
@@ -102,6 +230,8 @@ fn all(c: &mut Criterion) {
     setup();
     no_plugin_route(c);
     route_matching(c);
+    jwt_auth(c);
+    credential_lookup(c);
 }
 
 criterion_group! {
