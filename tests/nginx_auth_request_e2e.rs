@@ -7,7 +7,9 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{EchoUpstream, Logged, Portcullis, Reply, free_port, http_client, test_dir};
+use common::{
+    Answer, EchoUpstream, Logged, Portcullis, Reply, TestServer, free_port, http_client, test_dir,
+};
 
 /// The APISIX jwt-auth docs' token for `jack-key` (HS256, only `nbf`).
 const JACK_TOKEN: &str = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJrZXkiOiJqYWNrLWtleSIsIm5iZiI6MTcyOTEzMjI3MX0.UEPXy5jpid624T1XpfjM0PLY73LZPjV3Qt8yZ92kVuU";
@@ -74,9 +76,6 @@ impl Nginx {
 }
 
 const CONFIG: &str = r#"
-routes:
-  - { id: open, uri: /open/*, plugins: {} }
-  - { id: jwt, uri: /jwt/*, plugins: { jwt-auth: {} } }
 consumers:
   - username: jack
     labels: { custom_id: "495aec6a" }
@@ -84,12 +83,24 @@ consumers:
       - id: cred-jack-jwt-auth
         plugins:
           jwt-auth: { key: jack-key, secret: jack-hs256-secret-that-is-very-long }
+routes:
+  - { id: open, uri: /open/*, plugins: {} }
+  - { id: jwt, uri: /jwt/*, plugins: { jwt-auth: {} } }
 "#;
 
 #[tokio::test]
 async fn nginx_auth_request_front() {
     let upstream = EchoUpstream::start();
-    let portcullis = Portcullis::start(CONFIG).await;
+    // The APISIX forward-auth docs' auth service.
+    let auth = TestServer::start(|req| match req.header("authorization") {
+        Some("321") => Answer::new(200).header("X-User-ID", "i-am-user"),
+        _ => Answer::new(403).body("Forbidden"),
+    });
+    let config = format!(
+        "{CONFIG}  - {{ id: fa, uri: /fa/*, plugins: {{ forward-auth: {{ uri: \"{}\", request_headers: [Authorization], upstream_headers: [X-User-ID] }} }} }}\n",
+        auth.url("/auth")
+    );
+    let portcullis = Portcullis::start(&config).await;
     let nginx = Nginx::start(portcullis.ports.http, upstream.port).await;
 
     // An open route passes, and a client's own identity header never arrives.
@@ -132,6 +143,16 @@ async fn nginx_auth_request_front() {
         hits,
         "a denied request must not reach the upstream"
     );
+
+    // forward-auth through nginx: the auth service's X-User-ID replaces the client's.
+    let r = nginx
+        .get("/fa/x", &[("Authorization", "321"), ("X-User-ID", "admin")])
+        .await;
+    assert_eq!(r.echoed().header("x-user-id"), Some("i-am-user"));
+    let r = nginx.get("/fa/x", &[("Authorization", "nope")]).await;
+    assert_eq!(r.status, 403);
+    assert_eq!(upstream.hits(), hits + 1);
+    let hits = upstream.hits();
 
     // nginx turns any other denial (here the unmatched 404) into 500; never a pass.
     let r = nginx.get("/nowhere", &[]).await;
