@@ -36,9 +36,10 @@ pub struct Route {
 #[derive(Debug)]
 pub struct Consumer {
     pub username: Arc<str>,
-    /// `labels.custom_id`, sent upstream as `X-Consumer-Custom-Id`.
-    pub custom_id: Option<String>,
-    pub labels: BTreeMap<String, String>,
+    /// `labels.custom_id`, sent upstream as `X-Consumer-Custom-Id`. The other labels
+    /// stay in the store's spec only: nothing at request time reads them, and a
+    /// second map per consumer is most of a consumer's memory at 100k consumers.
+    pub custom_id: Option<Box<str>>,
     /// Non-auth plugins (e.g. limit-count), in execution order.
     pub plugins: Vec<Plugin>,
 }
@@ -178,12 +179,15 @@ pub fn compile_consumer(
         }
     }
     plugins.sort_by_key(|p| std::cmp::Reverse(p.priority()));
-    let labels = spec.labels.clone().unwrap_or_default();
+    let custom_id = spec
+        .labels
+        .as_ref()
+        .and_then(|l| l.get("custom_id"))
+        .map(|v| v.as_str().into());
     Ok(CompiledConsumer {
         consumer: Arc::new(Consumer {
             username,
-            custom_id: labels.get("custom_id").cloned(),
-            labels,
+            custom_id,
             plugins,
         }),
         inline_credentials,
