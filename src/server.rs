@@ -159,6 +159,7 @@ pub async fn serve(opts: Options) -> Result<(), ServeError> {
         None => None,
     };
     drop(text);
+    crate::memory::release_free_memory();
     tracing::info!(grpc = %config.listen.grpc, http = %config.listen.http, "portcullis serving");
 
     shutdown_signal().await;

@@ -99,6 +99,9 @@ pub fn spawn(path: PathBuf, loaded: &str, store: Arc<Store>) -> notify::Result<C
                 }
             }
             current = digest(&text);
+            drop(text);
+            // Off the runtime's workers: trimming a large heap takes milliseconds.
+            let _ = tokio::task::spawn_blocking(crate::memory::release_free_memory).await;
         }
     });
     Ok(ConfigWatcher { _watcher: watcher })
