@@ -308,7 +308,7 @@ impl Store {
                 let route = Arc::new(snapshot::compile_route(rid, &spec, &cx)?);
                 let old = inner.route(rid).cloned();
                 created = old.is_none();
-                let stored = restamp(spec, old.as_ref(), t, index);
+                let stored = restamp(&spec, old.as_ref(), t, index);
                 value = view(&stored, Some(rid)).0;
                 let undo = undo.route(&inner.admin, rid);
                 inner.admin.deleted.routes.remove(rid);
@@ -340,7 +340,7 @@ impl Store {
                 }
                 let old = inner.consumer(name).cloned();
                 created = old.is_none();
-                let stored = restamp(spec, old.as_ref(), t, index);
+                let stored = restamp(&spec, old.as_ref(), t, index);
                 value = view(&stored, None).0;
                 let undo = undo.consumer(&inner.admin, name);
                 inner.admin.deleted.consumers.remove(name);
@@ -382,7 +382,7 @@ impl Store {
                 let ck = (user.clone(), cid.clone());
                 let old = inner.credential(user, cid).cloned();
                 created = old.is_none();
-                let stored = restamp(spec, old.as_ref(), t, index);
+                let stored = restamp(&spec, old.as_ref(), t, index);
                 value = view(&stored, Some(cid)).0;
                 let undo = undo.credential(&inner.admin, &ck);
                 inner

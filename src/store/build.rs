@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::LoadError;
-use super::layers::{Resources, Stored};
+use super::layers::{Compact, Resources, Stored};
 use crate::config::FileConfig;
 use crate::plugins::BuildContext;
 use crate::snapshot::{self, AuthKey, Consumers, Route};
@@ -18,9 +18,9 @@ pub fn now() -> i64 {
 
 pub fn file_layer(config: &FileConfig) -> Result<Resources, String> {
     let t = now();
-    fn stored<T>(spec: T, t: i64) -> Stored<T> {
+    fn stored<T: serde::Serialize + serde::de::DeserializeOwned>(spec: &T, t: i64) -> Stored<T> {
         Stored {
-            spec,
+            spec: Compact::new(spec),
             create_time: t,
             update_time: t,
             created_index: 0,
@@ -32,11 +32,7 @@ pub fn file_layer(config: &FileConfig) -> Result<Resources, String> {
         let id = route.id.clone().ok_or_else(|| {
             format!("at `routes[{i}]`: a route in the config file needs an \"id\"")
         })?;
-        if res
-            .routes
-            .insert(id.clone(), stored(route.clone(), t))
-            .is_some()
-        {
+        if res.routes.insert(id.clone(), stored(route, t)).is_some() {
             return Err(format!("at `routes[{i}].id`: duplicate route id {id:?}"));
         }
     }
@@ -44,7 +40,7 @@ pub fn file_layer(config: &FileConfig) -> Result<Resources, String> {
         let name = entry.consumer.username.clone();
         if res
             .consumers
-            .insert(name.clone(), stored(entry.consumer.clone(), t))
+            .insert(name.clone(), stored(&entry.consumer, t))
             .is_some()
         {
             return Err(format!(
@@ -57,7 +53,7 @@ pub fn file_layer(config: &FileConfig) -> Result<Resources, String> {
             })?;
             if res
                 .credentials
-                .insert((name.clone(), id.clone()), stored(cred.clone(), t))
+                .insert((name.clone(), id.clone()), stored(cred, t))
                 .is_some()
             {
                 return Err(format!(
@@ -87,7 +83,11 @@ pub fn duplicate_key(key: &AuthKey) -> String {
 pub fn build(res: &Resources, cx: &BuildContext<'_>) -> Result<Built, String> {
     let mut routes = HashMap::new();
     for (id, r) in &res.routes {
-        let route = snapshot::compile_route(id, &r.spec, cx)
+        let spec = r
+            .spec
+            .get()
+            .map_err(|e| format!("at `routes[id={id}]`: {e}"))?;
+        let route = snapshot::compile_route(id, &spec, cx)
             .map_err(|e| format!("at `routes[id={id}].{}`: {e}", e.path()))?;
         routes.insert(id.clone(), Arc::new(route));
     }
@@ -95,7 +95,11 @@ pub fn build(res: &Resources, cx: &BuildContext<'_>) -> Result<Built, String> {
     let mut consumer_keys = HashMap::new();
     let mut credential_keys = HashMap::new();
     for (name, c) in &res.consumers {
-        let compiled = snapshot::compile_consumer(&c.spec, cx)
+        let spec = c
+            .spec
+            .get()
+            .map_err(|e| format!("at `consumers[username={name}]`: {e}"))?;
+        let compiled = snapshot::compile_consumer(&spec, cx)
             .map_err(|e| format!("at `consumers[username={name}].{}`: {e}", e.path()))?;
         let mut keys = Vec::new();
         for (key, cred) in compiled.inline_credentials {
@@ -113,7 +117,11 @@ pub fn build(res: &Resources, cx: &BuildContext<'_>) -> Result<Built, String> {
             .insert(compiled.consumer.username.clone(), compiled.consumer);
     }
     for ((user, id), c) in &res.credentials {
-        let (key, cred) = snapshot::compile_credential(user, id, &c.spec, cx).map_err(|e| {
+        let spec = c
+            .spec
+            .get()
+            .map_err(|e| format!("at `consumers[username={user}].credentials[id={id}]`: {e}"))?;
+        let (key, cred) = snapshot::compile_credential(user, id, &spec, cx).map_err(|e| {
             format!(
                 "at `consumers[username={user}].credentials[id={id}].{}`: {e}",
                 e.path()

@@ -3,16 +3,87 @@
 //! instead of materialising a merged copy, so an Admin call costs the same with ten
 //! resources or a hundred thousand.
 use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::marker::PhantomData;
 
-use serde::{Deserialize, Serialize};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::Value;
 
 use crate::resources::{ConsumerSpec, CredentialSpec, RouteSpec};
 
+/// A spec as its compact JSON text.
+///
+/// The store keeps every resource's spec for the Admin API and for rebuilds, but
+/// nothing on the request path reads it: Checks use the compiled snapshot. Parsed
+/// specs are maps of maps (a B-tree leaf alone is ~600 bytes), which made the specs
+/// most of the memory at 100k consumers; as text a credential is ~100 bytes. Specs
+/// are parsed again only when an Admin call or a rebuild needs them.
+pub struct Compact<T> {
+    json: Box<str>,
+    kind: PhantomData<fn() -> T>,
+}
+
+impl<T: Serialize + DeserializeOwned> Compact<T> {
+    pub fn new(spec: &T) -> Self {
+        Compact {
+            // Specs are plain data (strings, numbers, maps with string keys): their
+            // serialisation cannot fail.
+            json: serde_json::to_string(spec)
+                .expect("a spec serialises to JSON")
+                .into_boxed_str(),
+            kind: PhantomData,
+        }
+    }
+
+    /// The spec, parsed again. It was written by `new` from a valid spec, so this
+    /// fails only if the spec types changed incompatibly; callers report it.
+    pub fn get(&self) -> Result<T, String> {
+        serde_json::from_str(&self.json).map_err(|e| format!("stored spec unreadable: {e}"))
+    }
+
+    /// The spec as a JSON value, for the Admin API's answers.
+    pub fn value(&self) -> Value {
+        serde_json::from_str(&self.json).unwrap_or(Value::Null)
+    }
+}
+
+impl<T> Clone for Compact<T> {
+    fn clone(&self) -> Self {
+        Compact {
+            json: self.json.clone(),
+            kind: PhantomData,
+        }
+    }
+}
+
+impl<T> fmt::Debug for Compact<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.json)
+    }
+}
+
+/// Persisted as the spec itself, so the state file's format does not depend on it.
+impl<T: Serialize + DeserializeOwned> Serialize for Compact<T> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.value().serialize(s)
+    }
+}
+
+impl<'de, T: Serialize + DeserializeOwned> Deserialize<'de> for Compact<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        T::deserialize(d).map(|spec| Compact::new(&spec))
+    }
+}
+
 /// A stored resource with APISIX's bookkeeping.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(bound(
+    serialize = "T: Serialize + DeserializeOwned",
+    deserialize = "T: Serialize + DeserializeOwned"
+))]
 pub struct Stored<T> {
-    pub spec: T,
+    pub spec: Compact<T>,
     pub create_time: i64,
     pub update_time: i64,
     pub created_index: u64,
@@ -163,9 +234,14 @@ pub fn layered<'a, V>(
     merged.into_iter()
 }
 
-pub fn restamp<T>(spec: T, old: Option<&Stored<T>>, t: i64, index: u64) -> Stored<T> {
+pub fn restamp<T: Serialize + DeserializeOwned>(
+    spec: &T,
+    old: Option<&Stored<T>>,
+    t: i64,
+    index: u64,
+) -> Stored<T> {
     Stored {
-        spec,
+        spec: Compact::new(spec),
         create_time: old.map_or(t, |o| o.create_time),
         update_time: t,
         created_index: old.map_or(index, |o| o.created_index),
@@ -174,8 +250,11 @@ pub fn restamp<T>(spec: T, old: Option<&Stored<T>>, t: i64, index: u64) -> Store
 }
 
 /// The `value` APISIX shows: the spec with its id and times.
-pub fn view<T: Serialize>(s: &Stored<T>, id: Option<&String>) -> (Value, u64, u64) {
-    let mut v = serde_json::to_value(&s.spec).unwrap_or(Value::Null);
+pub fn view<T: Serialize + DeserializeOwned>(
+    s: &Stored<T>,
+    id: Option<&String>,
+) -> (Value, u64, u64) {
+    let mut v = s.spec.value();
     if let Value::Object(map) = &mut v {
         if let Some(id) = id {
             map.insert("id".into(), Value::String(id.clone()));
