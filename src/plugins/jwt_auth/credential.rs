@@ -106,7 +106,7 @@ impl Credential {
             ));
         };
         let key = match algorithm {
-            None => VerifyKey::Es512(es512_key(&conf)?),
+            None => VerifyKey::Es512(Box::new(es512_key(&conf)?)),
             Some(algorithm) if algorithm_name.starts_with("HS") => VerifyKey::Jwt {
                 key: hmac_key(&conf)?,
                 algorithm,
@@ -134,8 +134,9 @@ pub enum VerifyKey {
         key: DecodingKey,
         algorithm: Algorithm,
     },
-    /// ECDSA P-521 with SHA-512 (ES512).
-    Es512(p521::ecdsa::VerifyingKey),
+    /// ECDSA P-521 with SHA-512 (ES512). Boxed: the point is ~200 bytes inline and
+    /// would size every credential (100k of them, mostly HMAC) to it.
+    Es512(Box<p521::ecdsa::VerifyingKey>),
 }
 
 impl std::fmt::Debug for VerifyKey {
