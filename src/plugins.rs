@@ -38,7 +38,7 @@ pub enum ConsumerAuth {
 /// What a plugin entry on a consumer compiles to.
 pub enum ConsumerPlugin {
     Auth(AuthKey, ConsumerAuth),
-    Plugin(Plugin),
+    Plugin(Box<Plugin>),
 }
 
 /// State that outlives snapshots: counters, caches and pooled clients, keyed so a
@@ -217,7 +217,9 @@ pub fn compile_consumer_plugin(
                 ConsumerAuth::JwtAuth(cred),
             ))
         }
-        "limit-count" => Ok(ConsumerPlugin::Plugin(Plugin::compile(name, &conf, cx)?)),
+        "limit-count" => Ok(ConsumerPlugin::Plugin(Box::new(Plugin::compile(
+            name, &conf, cx,
+        )?))),
         "openid-connect" | "forward-auth" => Err(PluginError::new(
             name,
             "this plugin is configured on routes, not on consumers",

@@ -175,7 +175,7 @@ pub fn compile_consumer(
                     auth,
                 }),
             )),
-            ConsumerPlugin::Plugin(p) => plugins.push(p),
+            ConsumerPlugin::Plugin(p) => plugins.push(*p),
         }
     }
     plugins.sort_by_key(|p| std::cmp::Reverse(p.priority()));
