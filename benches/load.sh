@@ -45,32 +45,15 @@ while [ $# -gt 0 ]; do
 done
 if [ "$SMOKE" = 1 ]; then RUNS=1; DURATION=2; CONNECTIONS=4; fi
 
-for tool in envoy wrk h2load openssl python3 curl; do
-  command -v "$tool" >/dev/null || { echo "load.sh needs $tool on PATH" >&2; exit 1; }
-done
+. "$ROOT/benches/common.sh"
+need_tools load.sh envoy wrk h2load openssl python3 curl
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 [ -x "$NGINX" ] || { echo "load.sh needs nginx (Debian package nginx)" >&2; exit 1; }
 
-if [ -z "$PORTCULLIS" ]; then
-  echo "building portcullis (release)…" >&2
-  (cd "$ROOT" && cargo build --release --quiet --bin portcullis)
-  PORTCULLIS="${CARGO_TARGET_DIR:-$ROOT/target}/release/portcullis"
-fi
+build_portcullis
 
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/portcullis-load.XXXXXX")
-PIDS=()
-cleanup() {
-  local pid
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-  if [ "$KEEP" = 1 ]; then echo "kept $WORK" >&2; else rm -rf "$WORK"; fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+make_workdir load
 
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
 wait_http() { # url, what
   local i
   for i in $(seq 1 200); do

@@ -36,28 +36,11 @@ while [ $# -gt 0 ]; do
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
 done
-for tool in h2load python3 curl; do
-  command -v "$tool" >/dev/null || { echo "scale.sh needs $tool on PATH" >&2; exit 1; }
-done
-if [ -z "$PORTCULLIS" ]; then
-  echo "building portcullis (release)…" >&2
-  (cd "$ROOT" && cargo build --release --quiet --bin portcullis)
-  PORTCULLIS="${CARGO_TARGET_DIR:-$ROOT/target}/release/portcullis"
-fi
+. "$ROOT/benches/common.sh"
+need_tools scale.sh h2load python3 curl
+build_portcullis
 
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/portcullis-scale.XXXXXX")
-PIDS=()
-cleanup() {
-  local pid
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-  if [ "$KEEP" = 1 ]; then echo "kept $WORK" >&2; else rm -rf "$WORK"; fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
+make_workdir scale
 # The interpreter itself: a pyenv shim costs ~150 ms per call, too much in a timing loop.
 PY=$(python3 -c 'import sys; print(sys.executable)')
 GRPC_PORT=$(free_port); HTTP_PORT=$(free_port); ADMIN_PORT=$(free_port)
