@@ -59,31 +59,26 @@ impl<'a> Headers<'a> {
 static NO_EXTENSIONS: std::sync::LazyLock<HashMap<String, String>> =
     std::sync::LazyLock::new(HashMap::new);
 
-/// A decoded request, borrowed from the message it came from.
+/// A decoded request, borrowed from the message it came from: the [`Parts`] a
+/// front gathered (read through `Deref`, e.g. `req.method`) and what is derived
+/// from them once, the same way for every front.
 #[derive(Debug, Clone, Copy)]
 pub struct Request<'a> {
-    pub method: &'a str,
-    pub scheme: &'a str,
-    /// `:authority` as the client sent it, port included.
-    pub authority: &'a str,
+    parts: Parts<'a>,
     /// The authority without its port, for host matching.
     pub host: &'a str,
     /// The path without the query string.
     pub path: &'a str,
     /// The query string without `?` (empty when absent).
     pub query: &'a str,
-    /// Path and query exactly as the client sent them (nginx's `$request_uri`).
-    pub request_uri: &'a str,
-    pub headers: Headers<'a>,
-    /// The downstream peer's IP address as the proxy saw it.
-    pub source_ip: Option<&'a str>,
-    /// Envoy per-route `context_extensions` (e.g. `route_id`).
-    pub context_extensions: &'a HashMap<String, String>,
-    pub body: &'a [u8],
-    /// True when the proxy only sent part of the body (`allow_partial_message`).
-    pub body_truncated: bool,
-    /// Declared body size (`Content-Length`), when the proxy knows it.
-    pub body_size: Option<u64>,
+}
+
+impl<'a> std::ops::Deref for Request<'a> {
+    type Target = Parts<'a>;
+
+    fn deref(&self) -> &Parts<'a> {
+        &self.parts
+    }
 }
 
 /// Why a `CheckRequest` could not be turned into a [`Request`]; answered with a deny.
@@ -137,30 +132,20 @@ impl<'a> Request<'a> {
 
     /// Builds a request from parts gathered by another front (the HTTP auth_request
     /// endpoint), splitting path and query the same way for both.
-    pub fn assemble(p: Parts<'a>) -> Self {
-        let without_fragment = p.request_uri.split('#').next().unwrap_or_default();
+    pub fn assemble(mut parts: Parts<'a>) -> Self {
+        let without_fragment = parts.request_uri.split('#').next().unwrap_or_default();
         let (path, query) = match without_fragment.split_once('?') {
             Some((path, query)) => (path, query),
             None => (without_fragment, ""),
         };
+        if parts.scheme.is_empty() {
+            parts.scheme = "http";
+        }
         Request {
-            method: p.method,
-            scheme: if p.scheme.is_empty() {
-                "http"
-            } else {
-                p.scheme
-            },
-            authority: p.authority,
-            host: strip_port(p.authority),
+            parts,
+            host: strip_port(parts.authority),
             path,
             query,
-            request_uri: p.request_uri,
-            headers: p.headers,
-            source_ip: p.source_ip,
-            context_extensions: p.context_extensions,
-            body: p.body,
-            body_truncated: p.body_truncated,
-            body_size: p.body_size,
         }
     }
 
@@ -190,17 +175,25 @@ impl<'a> Request<'a> {
     }
 }
 
-/// The fields [`Request::assemble`] takes.
+/// What a front (gRPC Check, HTTP auth_request) knows of a request.
+#[derive(Debug, Clone, Copy)]
 pub struct Parts<'a> {
     pub method: &'a str,
+    /// `http` when the front did not say.
     pub scheme: &'a str,
+    /// `:authority` as the client sent it, port included.
     pub authority: &'a str,
+    /// Path and query exactly as the client sent them (nginx's `$request_uri`).
     pub request_uri: &'a str,
     pub headers: Headers<'a>,
+    /// The downstream peer's IP address as the proxy saw it.
     pub source_ip: Option<&'a str>,
+    /// Envoy per-route `context_extensions` (e.g. `route_id`).
     pub context_extensions: &'a HashMap<String, String>,
     pub body: &'a [u8],
+    /// True when the proxy only sent part of the body (`allow_partial_message`).
     pub body_truncated: bool,
+    /// Declared body size (`Content-Length`), when the proxy knows it.
     pub body_size: Option<u64>,
 }
 
