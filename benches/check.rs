@@ -221,6 +221,59 @@ fn credential_lookup(c: &mut Criterion) {
     );
 }
 
+/// forward-auth with its decision cache, every measured Check a hit. The first
+/// Check (the one `bench_check` asserts) goes to a real auth service, an axum
+/// server on loopback on its own thread, and fills the cache; the service counts
+/// its calls so the row proves the timed loop never left the process.
+fn forward_auth_cache_hit(c: &mut Criterion) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static CALLS: AtomicUsize = AtomicUsize::new(0);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind auth service");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let port = listener.local_addr().expect("local addr").port();
+    std::thread::spawn(move || {
+        let rt = tokio();
+        rt.block_on(async move {
+            let app = axum::Router::new().route(
+                "/auth",
+                axum::routing::any(|| async {
+                    CALLS.fetch_add(1, Ordering::Relaxed);
+                    ([("x-user-id", "u-123")], "ok")
+                }),
+            );
+            let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
+            axum::serve(listener, app).await.expect("auth service");
+        });
+    });
+    let runtime = runtime_from(&format!(
+        r#"
+routes:
+  - id: fa
+    uri: /fa/*
+    plugins:
+      forward-auth:
+        uri: http://127.0.0.1:{port}/auth
+        request_headers: [Authorization]
+        upstream_headers: [X-User-ID]
+        portcullis: {{ cache: {{ key_headers: [Authorization], ttl: 600 }} }}
+"#
+    ));
+    let msg = support::check_request("/fa/item", &[("authorization", "Bearer session-1")]);
+    bench_check(
+        c,
+        "forward-auth",
+        "decision cache hit",
+        &runtime,
+        &msg,
+        Code::Ok,
+    );
+    assert_eq!(
+        CALLS.load(Ordering::Relaxed),
+        1,
+        "only the first Check may reach the auth service"
+    );
+}
+
 fn setup() {
     // As `portcullis serve`: the Prometheus recorder receives every Check's metrics.
     let _ = portcullis::telemetry::init_metrics();
@@ -232,6 +285,7 @@ fn all(c: &mut Criterion) {
     route_matching(c);
     jwt_auth(c);
     credential_lookup(c);
+    forward_auth_cache_hit(c);
 }
 
 criterion_group! {
