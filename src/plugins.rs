@@ -17,6 +17,7 @@ pub mod forward_auth;
 pub mod jwt_auth;
 pub mod limit_count;
 pub mod openid_connect;
+pub mod verified;
 
 /// Plugin names portcullis knows, for error messages.
 pub const KNOWN: &[&str] = &["openid-connect", "jwt-auth", "forward-auth", "limit-count"];

@@ -16,12 +16,13 @@ use std::sync::Arc;
 use serde::Deserialize;
 use serde_json::Value;
 
+use super::verified::{self, VerifiedTokens};
 use super::{BuildContext, ConsumerAuth, Ctx, Outcome};
 use crate::decision::{Deny, is_safe_header_name};
-use crate::snapshot::Consumer;
+use crate::snapshot::{self, Consumer};
 
 pub use credential::Credential;
-pub use token::{Claim, ClaimRule, MAX_TOKEN_LEN, Token};
+pub use token::{Claim, ClaimRule, MAX_TOKEN_LEN, Signature, Token};
 
 const PLUGIN: &str = "jwt-auth";
 
@@ -72,6 +73,8 @@ pub struct Plugin {
     www_authenticate: String,
     anonymous_consumer: Option<Arc<str>>,
     claims: ClaimRule,
+    /// RS/PS/ES/EdDSA tokens already verified, by the credential they verified with.
+    verified: VerifiedTokens<snapshot::Credential>,
 }
 
 /// Why authentication failed: what the client is told, and what the log says.
@@ -150,6 +153,7 @@ impl Plugin {
             www_authenticate: format!("Bearer realm=\"{}\"", conf.realm),
             anonymous_consumer: conf.anonymous_consumer.map(Arc::from),
             claims,
+            verified: VerifiedTokens::default(),
         })
     }
 
@@ -221,9 +225,17 @@ impl Plugin {
             ));
         };
         let ConsumerAuth::JwtAuth(cred) = &found.auth;
-        token::verify(&token, cred, &self.claims, now).map_err(|e| {
+        let cacheable = cred.key.is_asymmetric().then(|| verified::digest(&raw));
+        let signature = match &cacheable {
+            Some(d) if self.verified.contains(d, &found) => Signature::AlreadyVerified,
+            _ => Signature::Unchecked,
+        };
+        token::verify(&token, cred, &self.claims, now, signature).map_err(|e| {
             Failure::new("failed to verify jwt", format!("failed to verify jwt: {e}"))
         })?;
+        if let (Some(d), Signature::Unchecked) = (cacheable, signature) {
+            self.verified.insert(d, &found);
+        }
         let Some(consumer) = cx.snapshot.consumers.get(&found.username) else {
             return Err(Failure::new(
                 "Invalid user key in JWT token",

@@ -149,6 +149,19 @@ impl std::fmt::Debug for VerifyKey {
 }
 
 impl VerifyKey {
+    /// RSA, ECDSA and EdDSA: verification costs far more than hashing the token,
+    /// so their results are worth remembering (`plugins::verified`). HMAC is not:
+    /// recomputing it costs about as much as the cache lookup.
+    pub fn is_asymmetric(&self) -> bool {
+        match self {
+            VerifyKey::Jwt { algorithm, .. } => !matches!(
+                algorithm,
+                Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512
+            ),
+            VerifyKey::Es512(_) => true,
+        }
+    }
+
     /// Verifies `signature` (base64url, as in the token) over `signing_input`.
     pub fn verify(&self, signature: &str, signing_input: &[u8]) -> Result<bool, String> {
         match self {

@@ -973,3 +973,67 @@ fn es512_verifies_with_p521_and_refuses_forged_signatures() {
             .is_err()
     );
 }
+
+fn p256_pair(seed: u8) -> (EncodingKey, String) {
+    use p256::pkcs8::{EncodePrivateKey, EncodePublicKey, LineEnding};
+    let signing = p256::ecdsa::SigningKey::from_slice(&[seed; 32]).unwrap();
+    let private = signing.to_pkcs8_pem(LineEnding::LF).unwrap();
+    let public = signing
+        .verifying_key()
+        .to_public_key_pem(LineEnding::LF)
+        .unwrap();
+    (
+        EncodingKey::from_ec_pem(private.as_bytes()).unwrap(),
+        public,
+    )
+}
+
+#[tokio::test]
+async fn a_verified_token_is_verified_again_after_the_key_rotates() {
+    let route = json!([{"id": "jwt-route", "uri": "/headers", "plugins": {"jwt-auth": {}}}]);
+    let (old_private, old_public) = p256_pair(7);
+    let (_, new_public) = p256_pair(9);
+    let mut w = World::new(
+        route.clone(),
+        jack(json!({"key": "jack-key", "algorithm": "ES256", "public_key": old_public})),
+    );
+    let token = sign(Algorithm::ES256, &json!({"key": "jack-key"}), &old_private);
+    allowed(&auth(&w, &token).await);
+    // Served from the verified-token cache this time.
+    allowed(&auth(&w, &token).await);
+    // Rotate only the credential, keeping the route (and its cache), as an Admin
+    // API credential write does.
+    let rotated = build_snapshot(
+        &route,
+        &jack(json!({"key": "jack-key", "algorithm": "ES256", "public_key": new_public})),
+        &w.shared,
+    )
+    .unwrap();
+    // A Check still running on the old snapshot keeps the old key alive.
+    let in_flight = std::mem::replace(&mut w.snapshot.consumers, rotated.consumers);
+    assert_401(&auth(&w, &token).await, "failed to verify jwt");
+    drop(in_flight);
+    assert_401(&auth(&w, &token).await, "failed to verify jwt");
+}
+
+#[test]
+fn an_already_verified_signature_still_has_its_claims_checked() {
+    let (private, public) = p256_pair(7);
+    let (_, cred) =
+        Credential::compile(&json!({"key": "k", "algorithm": "ES256", "public_key": public}))
+            .unwrap();
+    let raw = sign(
+        Algorithm::ES256,
+        &json!({"key": "k", "exp": 1_000, "nbf": 10}),
+        &private,
+    );
+    let token = Token::parse(&raw).unwrap();
+    let rule = ClaimRule::WhenPresent;
+    assert!(token::verify(&token, &cred, &rule, 500, Signature::AlreadyVerified).is_ok());
+    assert!(token::verify(&token, &cred, &rule, 1_000, Signature::AlreadyVerified).is_err());
+    assert!(token::verify(&token, &cred, &rule, 5, Signature::AlreadyVerified).is_err());
+    // The algorithm is checked whatever the cache says.
+    let hs = hs256(&json!({"key": "k"}), "secret");
+    let hs = Token::parse(&hs).unwrap();
+    assert!(token::verify(&hs, &cred, &rule, 500, Signature::AlreadyVerified).is_err());
+}
