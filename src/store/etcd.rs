@@ -1,0 +1,769 @@
+//! The etcd provider: many replicas, one truth.
+//!
+//! Resources are stored as APISIX stores them: the Admin API's `value` JSON under
+//! `<prefix>/routes/<id>`, `<prefix>/consumers/<username>` and
+//! `<prefix>/consumers/<username>/credentials/<id>`, with etcd's create/mod
+//! revisions as `createdIndex`/`modifiedIndex`. Each replica reads the whole
+//! prefix at one revision, then watches from the next one and applies events in
+//! order, through the same incremental publish as an Admin write. When the watch
+//! breaks (compaction, etcd restart, lost connection) the replica reads the whole
+//! prefix again and swaps in a freshly built state at once; until then the last
+//! good snapshot keeps serving.
+//!
+//! A write is one transaction guarded by the revision the writer read (or "does
+//! not exist yet" for a create), so two replicas racing on one id cannot both
+//! believe they created it, and a PATCH never overwrites a change it did not see.
+//! The Admin API answers after etcd acknowledged and this replica's mirror has
+//! applied the write, so a GET right after a PUT on the same replica sees it.
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::{
+    Certificate, Client, Compare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions,
+    Identity, TlsOptions, Txn, TxnOp, WatchOptions,
+};
+use serde_json::Value;
+
+use super::layers::{Resources, StateFile, Stored, view};
+use super::{Inner, LoadError, ResourceId, Store, WriteError, conflict, duplicate_key, now, parse};
+use crate::config::{FileConfig, StoreSettings};
+use crate::plugins::BuildContext;
+use crate::resources::{ConsumerSpec, CredentialSpec, RouteSpec};
+use crate::runtime::Runtime;
+use crate::snapshot::{self, Consumers};
+
+/// A connected etcd and the prefix this deployment's resources live under.
+pub struct Etcd {
+    client: Client,
+    prefix: String,
+    timeout: Duration,
+}
+
+/// One change read from etcd, in revision order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change {
+    Put {
+        id: ResourceId,
+        value: Value,
+        created: u64,
+        modified: u64,
+    },
+    Delete {
+        id: ResourceId,
+        revision: u64,
+    },
+}
+
+impl Etcd {
+    pub async fn connect(settings: &StoreSettings) -> Result<Self, String> {
+        let timeout = Duration::from_secs_f64(settings.timeout);
+        let mut opts = ConnectOptions::new()
+            .with_connect_timeout(timeout)
+            // A dead peer must break the watch, or a replica would wait forever on a
+            // stream that will never deliver again.
+            .with_keep_alive(Duration::from_secs(5), timeout)
+            .with_keep_alive_while_idle(true);
+        if let (Some(user), Some(password)) = (&settings.username, &settings.password) {
+            opts = opts.with_user(user.clone(), password.clone());
+        }
+        if let Some(tls) = &settings.tls {
+            let read = |p: &std::path::Path| {
+                std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))
+            };
+            let mut t = TlsOptions::new();
+            if let Some(ca) = &tls.ca {
+                t = t.ca_certificate(Certificate::from_pem(read(ca)?));
+            }
+            if let (Some(cert), Some(key)) = (&tls.cert, &tls.key) {
+                t = t.identity(Identity::from_pem(read(cert)?, read(key)?));
+            }
+            opts = opts.with_tls(t);
+        }
+        let client = tokio::time::timeout(
+            timeout,
+            Client::connect(settings.endpoints.clone(), Some(opts)),
+        )
+        .await
+        .map_err(|_| format!("no answer from {:?} within {timeout:?}", settings.endpoints))?
+        .map_err(|e| format!("cannot connect to {:?}: {e}", settings.endpoints))?;
+        Ok(Etcd {
+            client,
+            prefix: settings.prefix.clone(),
+            timeout,
+        })
+    }
+
+    /// The etcd key of a resource.
+    pub fn key(&self, id: &ResourceId) -> String {
+        key(&self.prefix, id)
+    }
+
+    async fn bounded<T>(
+        &self,
+        what: &str,
+        f: impl Future<Output = Result<T, etcd_client::Error>>,
+    ) -> Result<T, String> {
+        match tokio::time::timeout(self.timeout, f).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(format!("etcd {what} failed: {e}")),
+            Err(_) => Err(format!("etcd {what} timed out after {:?}", self.timeout)),
+        }
+    }
+
+    /// Every resource under the prefix, as changes at one revision.
+    pub async fn load(&self) -> Result<(Vec<Change>, u64), String> {
+        let mut client = self.client.clone();
+        let resp = self
+            .bounded(
+                "range",
+                client.get(
+                    format!("{}/", self.prefix),
+                    Some(GetOptions::new().with_prefix()),
+                ),
+            )
+            .await?;
+        let revision = resp.header().map_or(0, |h| h.revision()) as u64;
+        let changes = resp
+            .kvs()
+            .iter()
+            .filter_map(|kv| {
+                let id = parse_key(&self.prefix, kv.key_str().ok()?)?;
+                change_of_put(id, kv.value(), kv.create_revision(), kv.mod_revision())
+            })
+            .collect();
+        Ok((changes, revision))
+    }
+
+    /// The current value of one key: (value, create revision, mod revision).
+    async fn read(&self, key: &str) -> Result<Option<(Value, i64, i64)>, String> {
+        let mut client = self.client.clone();
+        let resp = self.bounded("get", client.get(key, None)).await?;
+        Ok(resp.kvs().first().map(|kv| {
+            (
+                serde_json::from_slice(kv.value()).unwrap_or(Value::Null),
+                kv.create_revision(),
+                kv.mod_revision(),
+            )
+        }))
+    }
+
+    /// Runs a guarded transaction; `Ok(Some(revision))` when it committed.
+    async fn commit(&self, when: Vec<Compare>, then: Vec<TxnOp>) -> Result<Option<u64>, String> {
+        let mut client = self.client.clone();
+        let resp = self
+            .bounded("txn", client.txn(Txn::new().when(when).and_then(then)))
+            .await?;
+        Ok(resp
+            .succeeded()
+            .then(|| resp.header().map_or(0, |h| h.revision()) as u64))
+    }
+}
+
+pub fn key(prefix: &str, id: &ResourceId) -> String {
+    match id {
+        ResourceId::Route(r) => format!("{prefix}/routes/{r}"),
+        ResourceId::Consumer(u) => format!("{prefix}/consumers/{u}"),
+        ResourceId::Credential(u, c) => format!("{prefix}/consumers/{u}/credentials/{c}"),
+    }
+}
+
+/// The resource an etcd key names; `None` for keys portcullis does not own.
+pub fn parse_key(prefix: &str, key: &str) -> Option<ResourceId> {
+    let rest = key.strip_prefix(prefix)?.strip_prefix('/')?;
+    let parts: Vec<&str> = rest.split('/').collect();
+    let id = match parts.as_slice() {
+        ["routes", id] if crate::resources::valid_id(id) => ResourceId::Route((*id).into()),
+        ["consumers", u] if crate::resources::valid_username(u) => {
+            ResourceId::Consumer((*u).into())
+        }
+        ["consumers", u, "credentials", id]
+            if crate::resources::valid_username(u) && crate::resources::valid_id(id) =>
+        {
+            ResourceId::Credential((*u).into(), (*id).into())
+        }
+        _ => return None,
+    };
+    Some(id)
+}
+
+fn change_of_put(id: ResourceId, value: &[u8], created: i64, modified: i64) -> Option<Change> {
+    match serde_json::from_slice::<Value>(value) {
+        Ok(value) => Some(Change::Put {
+            id,
+            value,
+            created: created as u64,
+            modified: modified as u64,
+        }),
+        Err(e) => {
+            tracing::error!(key = %id.key(), error = %e, "etcd value is not JSON; ignoring it");
+            None
+        }
+    }
+}
+
+/// Splits a stored `value` into the spec and its times.
+fn unstamp<T: serde::de::DeserializeOwned>(
+    mut value: Value,
+    created: u64,
+    modified: u64,
+) -> Result<Stored<T>, WriteError> {
+    let mut time = |field: &str| {
+        value
+            .as_object_mut()
+            .and_then(|m| m.remove(field))
+            .and_then(|v| v.as_i64())
+            .unwrap_or_default()
+    };
+    let (create_time, update_time) = (time("create_time"), time("update_time"));
+    Ok(Stored {
+        spec: parse(value)?,
+        create_time,
+        update_time,
+        created_index: created,
+        modified_index: modified,
+    })
+}
+
+impl Inner {
+    /// A state with nothing in it, for a full (re)load from etcd.
+    fn empty(unmatched: crate::config::Unmatched) -> Self {
+        Inner {
+            file: Resources::default(),
+            admin: StateFile {
+                version: 1,
+                ..Default::default()
+            },
+            unmatched,
+            routes: Default::default(),
+            consumer_keys: Default::default(),
+            credential_keys: Default::default(),
+            consumers: Arc::new(Consumers::default()),
+        }
+    }
+
+    /// Applies one etcd change to the mirror and the compiled maps. A value that
+    /// no longer compiles (written by another version, or by hand) is logged and
+    /// not served; a change older than what the mirror holds is skipped. Returns
+    /// whether the route index must be rebuilt.
+    pub(super) fn apply(&mut self, cx: &BuildContext<'_>, change: Change) -> bool {
+        match change {
+            Change::Put {
+                id,
+                value,
+                created,
+                modified,
+            } => {
+                if self.modified_index(&id).is_some_and(|m| m >= modified) {
+                    return false;
+                }
+                let key = id.key();
+                let result = match &id {
+                    ResourceId::Route(rid) => self.put_route(cx, rid, value, created, modified),
+                    ResourceId::Consumer(name) => {
+                        self.put_consumer(cx, name, value, created, modified)
+                    }
+                    ResourceId::Credential(user, cid) => {
+                        self.put_credential(cx, user, cid, value, created, modified)
+                    }
+                };
+                match result {
+                    Ok(()) => matches!(id, ResourceId::Route(_)),
+                    Err(error) => {
+                        tracing::error!(key = %key, %error, "resource in etcd does not compile; not serving it");
+                        self.remove(&id)
+                    }
+                }
+            }
+            Change::Delete { id, revision } => {
+                if self.modified_index(&id).is_some_and(|m| m > revision) {
+                    return false;
+                }
+                self.remove(&id)
+            }
+        }
+    }
+
+    fn modified_index(&self, id: &ResourceId) -> Option<u64> {
+        let w = &self.admin.written;
+        match id {
+            ResourceId::Route(k) => w.routes.get(k).map(|s| s.modified_index),
+            ResourceId::Consumer(k) => w.consumers.get(k).map(|s| s.modified_index),
+            ResourceId::Credential(u, k) => w
+                .credentials
+                .get(&(u.clone(), k.clone()))
+                .map(|s| s.modified_index),
+        }
+    }
+
+    fn put_route(
+        &mut self,
+        cx: &BuildContext<'_>,
+        rid: &str,
+        value: Value,
+        created: u64,
+        modified: u64,
+    ) -> Result<(), WriteError> {
+        let mut stored: Stored<RouteSpec> = unstamp(value, created, modified)?;
+        stored.spec.id = Some(rid.to_owned());
+        let route = snapshot::compile_route(rid, &stored.spec, cx)?;
+        self.routes.insert(rid.to_owned(), Arc::new(route));
+        self.admin.written.routes.insert(rid.to_owned(), stored);
+        Ok(())
+    }
+
+    fn put_consumer(
+        &mut self,
+        cx: &BuildContext<'_>,
+        name: &str,
+        value: Value,
+        created: u64,
+        modified: u64,
+    ) -> Result<(), WriteError> {
+        let stored: Stored<ConsumerSpec> = unstamp(value, created, modified)?;
+        if stored.spec.username != name {
+            return Err(WriteError::Invalid(format!(
+                "username {:?} does not match the key",
+                stored.spec.username
+            )));
+        }
+        let compiled = snapshot::compile_consumer(&stored.spec, cx)?;
+        for key in self.consumer_keys.remove(name).unwrap_or_default() {
+            self.consumers.by_key.remove(&key);
+        }
+        let mut keys = Vec::new();
+        for (key, cred) in compiled.inline_credentials {
+            if let Some(other) = self.consumers.by_key.get(&key)
+                && &*other.username != name
+            {
+                tracing::error!(consumer = name, error = %duplicate_key(&key), "key in etcd already taken; ignoring it");
+                continue;
+            }
+            self.consumers.by_key.insert(key.clone(), cred);
+            keys.push(key);
+        }
+        self.consumer_keys.insert(name.to_owned(), keys);
+        let is_new = !self.consumers.by_name.contains_key(name);
+        self.consumers
+            .by_name
+            .insert(compiled.consumer.username.clone(), compiled.consumer);
+        self.admin.written.consumers.insert(name.to_owned(), stored);
+        if is_new {
+            // Credentials written before their consumer (by hand) start counting now.
+            let orphans: Vec<_> = self
+                .admin
+                .written
+                .credentials
+                .range((name.to_owned(), String::new())..)
+                .take_while(|((u, _), _)| u == name)
+                .map(|((u, c), s)| (u.clone(), c.clone(), s.clone()))
+                .collect();
+            for (u, c, s) in orphans {
+                if let Err(error) = self.compile_credential(cx, &u, &c, &s.spec) {
+                    tracing::error!(key = %ResourceId::Credential(u, c).key(), %error, "credential in etcd does not compile; not serving it");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn put_credential(
+        &mut self,
+        cx: &BuildContext<'_>,
+        user: &str,
+        cid: &str,
+        value: Value,
+        created: u64,
+        modified: u64,
+    ) -> Result<(), WriteError> {
+        let mut stored: Stored<CredentialSpec> = unstamp(value, created, modified)?;
+        stored.spec.id = Some(cid.to_owned());
+        if self.consumers.by_name.contains_key(user) {
+            self.compile_credential(cx, user, cid, &stored.spec)?;
+        }
+        self.admin
+            .written
+            .credentials
+            .insert((user.to_owned(), cid.to_owned()), stored);
+        Ok(())
+    }
+
+    fn compile_credential(
+        &mut self,
+        cx: &BuildContext<'_>,
+        user: &str,
+        cid: &str,
+        spec: &CredentialSpec,
+    ) -> Result<(), WriteError> {
+        let (key, cred) = snapshot::compile_credential(user, cid, spec, cx)?;
+        if let Some(other) = self.consumers.by_key.get(&key)
+            && !(&*other.username == user && other.credential_id.as_deref() == Some(cid))
+        {
+            return Err(WriteError::Invalid(duplicate_key(&key)));
+        }
+        let ck = (user.to_owned(), cid.to_owned());
+        if let Some(old) = self.credential_keys.remove(&ck) {
+            self.consumers.by_key.remove(&old);
+        }
+        self.consumers.by_key.insert(key.clone(), cred);
+        self.credential_keys.insert(ck, key);
+        Ok(())
+    }
+
+    /// Removes a resource from the mirror and the compiled maps; a consumer takes
+    /// its credentials with it. Returns whether a route went.
+    fn remove(&mut self, id: &ResourceId) -> bool {
+        match id {
+            ResourceId::Route(rid) => {
+                self.admin.written.routes.remove(rid);
+                self.routes.remove(rid).is_some()
+            }
+            ResourceId::Consumer(name) => {
+                self.admin.written.consumers.remove(name);
+                for key in self.consumer_keys.remove(name).unwrap_or_default() {
+                    self.consumers.by_key.remove(&key);
+                }
+                let creds: Vec<_> = self
+                    .admin
+                    .written
+                    .credentials
+                    .range((name.clone(), String::new())..)
+                    .take_while(|((u, _), _)| u == name)
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                for ck in creds {
+                    self.admin.written.credentials.remove(&ck);
+                    if let Some(key) = self.credential_keys.remove(&ck) {
+                        self.consumers.by_key.remove(&key);
+                    }
+                }
+                self.consumers.by_name.remove(name.as_str());
+                false
+            }
+            ResourceId::Credential(user, cid) => {
+                let ck = (user.clone(), cid.clone());
+                self.admin.written.credentials.remove(&ck);
+                if let Some(key) = self.credential_keys.remove(&ck) {
+                    self.consumers.by_key.remove(&key);
+                }
+                false
+            }
+        }
+    }
+}
+
+impl Store {
+    /// Connects to etcd, loads the whole prefix, publishes the first snapshot and
+    /// starts the watch that keeps this replica in step.
+    pub async fn open_etcd(
+        runtime: Arc<Runtime>,
+        config: &FileConfig,
+    ) -> Result<Arc<Self>, LoadError> {
+        let etcd = Etcd::connect(&config.store)
+            .await
+            .map_err(LoadError::Etcd)?;
+        let (changes, revision) = etcd.load().await.map_err(LoadError::Etcd)?;
+        let store = Arc::new(Store {
+            runtime,
+            state_path: None,
+            etcd: Some(etcd),
+            applied: tokio::sync::watch::channel(0).0,
+            inner: tokio::sync::Mutex::new(Inner::empty(config.unmatched)),
+        });
+        let count = changes.len();
+        store.replace_all(changes, revision).await;
+        tracing::info!(
+            prefix = %config.store.prefix,
+            revision,
+            resources = count,
+            "configuration loaded from etcd"
+        );
+        tokio::spawn(watch(Arc::downgrade(&store), revision));
+        Ok(store)
+    }
+
+    /// Builds a whole new state from a full load and swaps it in at once.
+    async fn replace_all(&self, changes: Vec<Change>, revision: u64) {
+        let mut inner = self.inner.lock().await;
+        let mut fresh = Inner::empty(inner.unmatched);
+        let cx = BuildContext {
+            shared: &self.runtime.shared,
+        };
+        for change in changes {
+            fresh.apply(&cx, change);
+        }
+        fresh.admin.index = revision;
+        *inner = fresh;
+        self.publish_routes(&inner);
+        drop(inner);
+        self.applied.send_replace(revision);
+    }
+
+    /// Applies the events of one watch answer, publishing once at the end.
+    async fn apply_changes(&self, changes: Vec<Change>, revision: u64) {
+        let mut inner = self.inner.lock().await;
+        let cx = BuildContext {
+            shared: &self.runtime.shared,
+        };
+        let mut routes_changed = false;
+        for change in changes {
+            routes_changed |= inner.apply(&cx, change);
+        }
+        inner.admin.index = inner.admin.index.max(revision);
+        if routes_changed {
+            self.publish_routes(&inner);
+        }
+        drop(inner);
+        self.applied.send_if_modified(|r| {
+            let newer = revision > *r;
+            *r = (*r).max(revision);
+            newer
+        });
+    }
+
+    /// Waits (bounded) until the mirror has applied `revision`, so the answer to a
+    /// write is followed by reads that see it. The write is durable either way.
+    async fn await_applied(&self, etcd: &Etcd, revision: u64) {
+        let mut rx = self.applied.subscribe();
+        if tokio::time::timeout(etcd.timeout, rx.wait_for(|r| *r >= revision))
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                revision,
+                "etcd acknowledged a write the watch has not delivered yet"
+            );
+        }
+    }
+
+    pub(super) async fn put_etcd(
+        &self,
+        etcd: &Etcd,
+        id: ResourceId,
+        body: Value,
+        expected: Option<u64>,
+    ) -> Result<(bool, Value), WriteError> {
+        let key = etcd.key(&id);
+        let current = etcd.read(&key).await.map_err(WriteError::Unavailable)?;
+        if let Some(expected) = expected
+            && current.as_ref().map(|c| c.2 as u64) != Some(expected)
+        {
+            return Err(conflict(&id));
+        }
+        let create_time = current
+            .as_ref()
+            .and_then(|(v, ..)| v.get("create_time")?.as_i64());
+        let t = now();
+        let cx = BuildContext {
+            shared: &self.runtime.shared,
+        };
+        let mut when = vec![match &current {
+            None => Compare::create_revision(key.clone(), CompareOp::Equal, 0),
+            Some((_, _, m)) => Compare::mod_revision(key.clone(), CompareOp::Equal, *m),
+        }];
+        // Validate and compile exactly as the file provider does; the compiled
+        // result is dropped: this replica applies the write from the watch.
+        let value = match &id {
+            ResourceId::Route(rid) => {
+                let mut spec: RouteSpec = parse(body)?;
+                spec.id = Some(rid.clone());
+                snapshot::compile_route(rid, &spec, &cx)?;
+                stamp(&spec, Some(rid), create_time, t)
+            }
+            ResourceId::Consumer(name) => {
+                let spec: ConsumerSpec = parse(body)?;
+                if spec.username != *name {
+                    return Err(WriteError::Invalid(format!(
+                        "invalid configuration: username: {:?} in the body does not match {:?} in the path",
+                        spec.username, name
+                    )));
+                }
+                let compiled = snapshot::compile_consumer(&spec, &cx)?;
+                let inner = self.inner.lock().await;
+                for (k, _) in &compiled.inline_credentials {
+                    if let Some(other) = inner.consumers.by_key.get(k)
+                        && &*other.username != name.as_str()
+                    {
+                        return Err(WriteError::Invalid(format!(
+                            "invalid plugins configuration: {}",
+                            duplicate_key(k)
+                        )));
+                    }
+                }
+                stamp(&spec, None, create_time, t)
+            }
+            ResourceId::Credential(user, cid) => {
+                let consumer_key = etcd.key(&ResourceId::Consumer(user.clone()));
+                if etcd
+                    .read(&consumer_key)
+                    .await
+                    .map_err(WriteError::Unavailable)?
+                    .is_none()
+                {
+                    return Err(WriteError::NotFound("consumer not found".into()));
+                }
+                when.push(Compare::create_revision(
+                    consumer_key,
+                    CompareOp::Greater,
+                    0,
+                ));
+                let mut spec: CredentialSpec = parse(body)?;
+                spec.id = Some(cid.clone());
+                let (k, _) = snapshot::compile_credential(user, cid, &spec, &cx)?;
+                let inner = self.inner.lock().await;
+                if let Some(other) = inner.consumers.by_key.get(&k)
+                    && !(&*other.username == user.as_str()
+                        && other.credential_id.as_deref() == Some(cid.as_str()))
+                {
+                    return Err(WriteError::Invalid(format!(
+                        "invalid plugins configuration: {}",
+                        duplicate_key(&k)
+                    )));
+                }
+                stamp(&spec, Some(cid), create_time, t)
+            }
+        };
+        let json = serde_json::to_vec(&value).map_err(|e| WriteError::Invalid(e.to_string()))?;
+        let revision = etcd
+            .commit(when, vec![TxnOp::put(key, json, None)])
+            .await
+            .map_err(WriteError::Unavailable)?
+            .ok_or_else(|| match &id {
+                ResourceId::Credential(..) if current.is_none() => WriteError::Conflict(
+                    "the resource or its consumer was changed by another write in the meantime; retry".into(),
+                ),
+                _ => conflict(&id),
+            })?;
+        self.await_applied(etcd, revision).await;
+        Ok((current.is_none(), value))
+    }
+
+    pub(super) async fn delete_etcd(&self, etcd: &Etcd, id: &ResourceId) -> Result<(), WriteError> {
+        let key = etcd.key(id);
+        let Some((_, _, modified)) = etcd.read(&key).await.map_err(WriteError::Unavailable)? else {
+            return Err(WriteError::NotFound("Key not found".into()));
+        };
+        let mut ops = vec![TxnOp::delete(key.clone(), None)];
+        if let ResourceId::Consumer(_) = id {
+            ops.push(TxnOp::delete(
+                format!("{key}/"),
+                Some(DeleteOptions::new().with_prefix()),
+            ));
+        }
+        let revision = etcd
+            .commit(
+                vec![Compare::mod_revision(key, CompareOp::Equal, modified)],
+                ops,
+            )
+            .await
+            .map_err(WriteError::Unavailable)?
+            .ok_or_else(|| conflict(id))?;
+        self.await_applied(etcd, revision).await;
+        Ok(())
+    }
+}
+
+/// The Admin `value` of a spec stamped with its times (what etcd stores).
+fn stamp<T: serde::Serialize>(
+    spec: &T,
+    id: Option<&String>,
+    create_time: Option<i64>,
+    t: i64,
+) -> Value {
+    let stored = Stored {
+        spec,
+        create_time: create_time.unwrap_or(t),
+        update_time: t,
+        created_index: 0,
+        modified_index: 0,
+    };
+    view(&stored, id).0
+}
+
+/// Follows etcd from `revision + 1` for as long as the store lives; after any break
+/// it reloads everything at a new revision and follows from there.
+async fn watch(store: std::sync::Weak<Store>, mut revision: u64) {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let Some(s) = store.upgrade() else { return };
+        let Some(etcd) = &s.etcd else { return };
+        let mut client = etcd.client.clone();
+        let prefix = format!("{}/", etcd.prefix);
+        let opts = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(revision as i64 + 1);
+        let reason = match client.watch(prefix, Some(opts)).await {
+            Err(e) => format!("cannot start the watch: {e}"),
+            Ok(mut stream) => {
+                drop(s);
+                loop {
+                    let msg = stream.message().await;
+                    let Some(s) = store.upgrade() else { return };
+                    let Some(etcd) = &s.etcd else { return };
+                    match msg {
+                        Err(e) => break format!("watch failed: {e}"),
+                        Ok(None) => break "watch closed".into(),
+                        Ok(Some(resp)) if resp.compact_revision() > 0 => {
+                            break format!("revision compacted up to {}", resp.compact_revision());
+                        }
+                        Ok(Some(resp)) if resp.canceled() => {
+                            break format!("watch cancelled: {}", resp.cancel_reason());
+                        }
+                        Ok(Some(resp)) => {
+                            backoff = Duration::from_millis(200);
+                            let mut changes = Vec::new();
+                            let mut last = revision;
+                            for ev in resp.events() {
+                                let Some(kv) = ev.kv() else { continue };
+                                last = last.max(kv.mod_revision() as u64);
+                                let Some(id) =
+                                    kv.key_str().ok().and_then(|k| parse_key(&etcd.prefix, k))
+                                else {
+                                    continue;
+                                };
+                                match ev.event_type() {
+                                    EventType::Put => changes.extend(change_of_put(
+                                        id,
+                                        kv.value(),
+                                        kv.create_revision(),
+                                        kv.mod_revision(),
+                                    )),
+                                    EventType::Delete => changes.push(Change::Delete {
+                                        id,
+                                        revision: kv.mod_revision() as u64,
+                                    }),
+                                }
+                            }
+                            if last > revision {
+                                s.apply_changes(changes, last).await;
+                                revision = last;
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        tracing::warn!(%reason, revision, "etcd watch interrupted; serving the last good snapshot and reloading");
+        metrics::counter!("portcullis_etcd_resyncs_total").increment(1);
+        // Reload the whole prefix at a new revision, retrying while etcd is away.
+        loop {
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+            let Some(s) = store.upgrade() else { return };
+            let Some(etcd) = &s.etcd else { return };
+            match etcd.load().await {
+                Ok((changes, rev)) => {
+                    s.replace_all(changes, rev).await;
+                    tracing::info!(revision = rev, "configuration reloaded from etcd");
+                    revision = rev;
+                    break;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "etcd unreachable; serving the last good snapshot")
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
