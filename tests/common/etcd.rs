@@ -54,7 +54,7 @@ impl Etcd {
             .args(["--listen-peer-urls", &peer])
             .args(["--initial-advertise-peer-urls", &peer])
             .args(["--initial-cluster", &format!("test={peer}")])
-            .args(["--log-level", "warn"]);
+            .args(["--logger", "zap", "--log-level", "warn"]);
         let process = Logged::spawn("etcd", cmd, self.dir.path());
         self.process = Some(process);
         let url = format!("{client}/health");
