@@ -161,6 +161,7 @@ async fn concurrent_writes_of_one_id_are_detected() {
     }
     let answers = futures::future::join_all(writes).await;
     let statuses: Vec<u16> = answers.iter().map(|(s, _)| *s).collect();
+    eprintln!("concurrent creates answered {statuses:?}");
     assert_eq!(
         statuses.iter().filter(|s| **s == 201).count(),
         1,
@@ -395,4 +396,66 @@ fn the_shipped_replicas_example_validates() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Resources written straight into etcd (as another tool or an APISIX-style script
+/// would) are served, and a prefix larger than one Range page loads whole.
+#[tokio::test]
+async fn a_replica_loads_a_large_prefix_written_by_hand() {
+    use etcd_client::{Client, Txn, TxnOp};
+    let etcd = Etcd::start().await;
+    let mut client = Client::connect([etcd.endpoint()], None).await.unwrap();
+    const N: usize = 2500;
+    for chunk in (0..N).collect::<Vec<_>>().chunks(50) {
+        let mut ops = Vec::new();
+        for i in chunk {
+            let name = format!("user{i:04}");
+            ops.push(TxnOp::put(
+                format!("/e2e/consumers/{name}"),
+                json!({"username": name}).to_string(),
+                None,
+            ));
+            ops.push(TxnOp::put(
+                format!("/e2e/consumers/{name}/credentials/c"),
+                json!({"id": "c", "plugins": {"jwt-auth": {"key": format!("{name}-key"), "secret": SECRET}}})
+                    .to_string(),
+                None,
+            ));
+        }
+        client.txn(Txn::new().and_then(ops)).await.unwrap();
+    }
+    client
+        .put(
+            "/e2e/routes/jwt",
+            json!({"uri": "/jwt/*", "plugins": {"jwt-auth": {}}}).to_string(),
+            None,
+        )
+        .await
+        .unwrap();
+    // Not ours: ignored.
+    client.put("/e2e/upstreams/1", "{}", None).await.unwrap();
+    client.put("/e2e-other/routes/x", "{}", None).await.unwrap();
+
+    let upstream = EchoUpstream::start();
+    let a = Replica::start(&etcd, &upstream).await;
+    let (_, list) = a.portcullis.admin().get("consumers").await;
+    assert_eq!(list["total"], N);
+    for name in ["user0000", "user1234", "user2499"] {
+        let reply = a
+            .get("/jwt/x", Some(&token(&format!("{name}-key"), SECRET)))
+            .await;
+        assert_eq!(reply.echoed().header("x-consumer-username"), Some(name));
+    }
+    // A hand-written change reaches the running replica through the watch.
+    client
+        .delete("/e2e/consumers/user1234", None)
+        .await
+        .unwrap();
+    let t = token("user1234-key", SECRET);
+    eventually(
+        Duration::from_secs(1),
+        "consumer deleted by hand",
+        || async { a.get("/jwt/x", Some(&t)).await.status == 401 },
+    )
+    .await;
 }

@@ -110,28 +110,47 @@ impl Etcd {
         }
     }
 
-    /// Every resource under the prefix, as changes at one revision.
+    /// Every resource under the prefix, as changes at one revision. Read in pages
+    /// pinned to the first page's revision: one answer with 100k consumers would
+    /// pass gRPC's message limit, and pinning keeps the pages one consistent view.
     pub async fn load(&self) -> Result<(Vec<Change>, u64), String> {
+        const PAGE: i64 = 1000;
         let mut client = self.client.clone();
-        let resp = self
-            .bounded(
-                "range",
-                client.get(
-                    format!("{}/", self.prefix),
-                    Some(GetOptions::new().with_prefix()),
-                ),
-            )
-            .await?;
-        let revision = resp.header().map_or(0, |h| h.revision()) as u64;
-        let changes = resp
-            .kvs()
-            .iter()
-            .filter_map(|kv| {
-                let id = parse_key(&self.prefix, kv.key_str().ok()?)?;
-                change_of_put(id, kv.value(), kv.create_revision(), kv.mod_revision())
-            })
-            .collect();
-        Ok((changes, revision))
+        let mut from = format!("{}/", self.prefix).into_bytes();
+        // The end of the `<prefix>/` range: '/' + 1 is '0'.
+        let end = format!("{}0", self.prefix).into_bytes();
+        let mut revision = 0;
+        let mut changes = Vec::new();
+        loop {
+            let mut opts = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
+            if revision > 0 {
+                opts = opts.with_revision(revision);
+            }
+            let resp = self
+                .bounded("range", client.get(from.clone(), Some(opts)))
+                .await?;
+            if revision == 0 {
+                revision = resp.header().map_or(0, |h| h.revision());
+            }
+            for kv in resp.kvs() {
+                let Some(id) = kv.key_str().ok().and_then(|k| parse_key(&self.prefix, k)) else {
+                    continue;
+                };
+                changes.extend(change_of_put(
+                    id,
+                    kv.value(),
+                    kv.create_revision(),
+                    kv.mod_revision(),
+                ));
+            }
+            match resp.kvs().last() {
+                Some(last) if resp.more() => {
+                    from = last.key().to_vec();
+                    from.push(0);
+                }
+                _ => return Ok((changes, revision as u64)),
+            }
+        }
     }
 
     /// The current value of one key: (value, create revision, mod revision).
