@@ -381,6 +381,21 @@ async fn limit_count_with_redis_counts_across_replicas() {
             "the failure is logged"
         );
     }
+
+    // Redis back (empty): the pooled connections reconnect and counting resumes.
+    redis.restart().await;
+    for r in [&a, &b] {
+        eventually(Duration::from_secs(5), "counting resumes", || async {
+            r.get("/limited", None).await.status == 200
+        })
+        .await;
+    }
+    let fresh = a.get("/limited", None).await;
+    assert_eq!(
+        fresh.header("x-ratelimit-remaining"),
+        Some("0"),
+        "third of three"
+    );
 }
 
 #[test]

@@ -21,6 +21,14 @@ impl Redis {
             dir: test_dir("redis"),
             process: None,
         };
+        redis.restart().await;
+        redis
+    }
+
+    /// Starts (again) on the same port, empty; returns once it answers PING.
+    pub async fn restart(&mut self) {
+        self.kill();
+        let redis = self;
         let mut cmd = Command::new("redis-server");
         cmd.args(["--port", &redis.port.to_string()])
             .args(["--bind", "127.0.0.1"])
@@ -32,7 +40,7 @@ impl Redis {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if redis.ping().await {
-                return redis;
+                return;
             }
             let p = redis.process.as_mut().expect("spawned");
             if let Some(status) = p.exited() {
