@@ -428,8 +428,8 @@ impl Inner {
         Ok(())
     }
 
-    /// Removes a resource from the mirror and the compiled maps; a consumer takes
-    /// its credentials with it. Returns whether a route went.
+    /// Removes a resource from the mirror and the compiled maps; a consumer's
+    /// credentials stop being served with it. Returns whether a route went.
     fn remove(&mut self, id: &ResourceId) -> bool {
         match id {
             ResourceId::Route(rid) => {
@@ -441,16 +441,16 @@ impl Inner {
                 for key in self.consumer_keys.remove(name).unwrap_or_default() {
                     self.consumers.by_key.remove(&key);
                 }
+                // Its credentials stop authenticating now. Their keys stay mirrored
+                // until etcd deletes them too (the Admin API does so in the same
+                // transaction), exactly as a fresh load would see them.
                 let creds: Vec<_> = self
-                    .admin
-                    .written
-                    .credentials
-                    .range((name.clone(), String::new())..)
-                    .take_while(|((u, _), _)| u == name)
-                    .map(|(k, _)| k.clone())
+                    .credential_keys
+                    .keys()
+                    .filter(|(u, _)| u == name)
+                    .cloned()
                     .collect();
                 for ck in creds {
-                    self.admin.written.credentials.remove(&ck);
                     if let Some(key) = self.credential_keys.remove(&ck) {
                         self.consumers.by_key.remove(&key);
                     }

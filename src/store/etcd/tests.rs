@@ -81,7 +81,7 @@ fn changes_update_the_mirror_and_the_credential_index() {
     assert!(!inner.apply(&cx, put(cred.clone(), credential("old"), 6)));
     assert!(inner.consumers.credential("jwt-auth", "old").is_none());
 
-    // Deleting the consumer takes its credentials, even before their own events.
+    // Deleting the consumer stops its credentials, even before their own events.
     assert!(!inner.apply(
         &cx,
         Change::Delete {
@@ -135,6 +135,34 @@ fn a_value_that_does_not_compile_is_not_served() {
             .username,
         "a"
     );
+}
+
+#[test]
+fn a_consumer_fixed_after_a_bad_value_gets_its_credentials_back() {
+    let shared = Shared::default();
+    let cx = BuildContext { shared: &shared };
+    let mut inner = Inner::empty(Unmatched::Deny);
+    let carol = ResourceId::Consumer("carol".into());
+    inner.apply(&cx, put(carol.clone(), consumer("carol", "k1"), 2));
+    inner.apply(
+        &cx,
+        put(
+            ResourceId::Credential("carol".into(), "c".into()),
+            credential("kc"),
+            3,
+        ),
+    );
+    inner.apply(
+        &cx,
+        put(
+            carol.clone(),
+            json!({"username": "carol", "plugins": {"nope": {}}}),
+            4,
+        ),
+    );
+    assert!(inner.consumers.credential("jwt-auth", "kc").is_none());
+    inner.apply(&cx, put(carol, consumer("carol", "k1"), 5));
+    assert!(inner.consumers.credential("jwt-auth", "kc").is_some());
 }
 
 #[test]
