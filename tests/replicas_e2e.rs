@@ -22,11 +22,21 @@ struct Replica {
 
 impl Replica {
     async fn start(etcd: &Etcd, upstream: &EchoUpstream) -> Self {
+        Self::start_with(etcd, upstream, "", &[]).await
+    }
+
+    /// With `store_extra` added to the `store` block and extra environment.
+    async fn start_with(
+        etcd: &Etcd,
+        upstream: &EchoUpstream,
+        store_extra: &str,
+        env: &[(&str, &str)],
+    ) -> Self {
         let yaml = format!(
-            "store: {{ kind: etcd, endpoints: ['{}'], prefix: /e2e, timeout: 2 }}\n",
+            "store: {{ kind: etcd, endpoints: ['{}'], prefix: /e2e, timeout: 2 {store_extra}}}\n",
             etcd.endpoint()
         );
-        let portcullis = Portcullis::start(&yaml).await;
+        let portcullis = Portcullis::start_with_env(&yaml, env).await;
         let ports = EnvoyPorts::new(upstream.port, portcullis.ports.grpc, portcullis.ports.http);
         let envoy = Envoy::start(ENVOY_GRPC, ports).await;
         Replica { envoy, portcullis }
@@ -473,4 +483,43 @@ async fn a_replica_loads_a_large_prefix_written_by_hand() {
         || async { a.get("/jwt/x", Some(&t)).await.status == 401 },
     )
     .await;
+}
+
+/// etcd with authentication on: the replica logs in with `username`/`password`
+/// (the password from the environment) and reads, watches and writes as that user.
+#[tokio::test]
+async fn replicas_authenticate_to_etcd() {
+    use etcd_client::{Client, ConnectOptions};
+    let etcd = Etcd::start().await;
+    let mut root = Client::connect([etcd.endpoint()], None).await.unwrap();
+    let _ = root.role_add("root").await;
+    root.user_add("root", "root-pw", None).await.unwrap();
+    root.user_grant_role("root", "root").await.unwrap();
+    root.auth_enable().await.unwrap();
+    // Without credentials etcd now refuses.
+    let mut anonymous = Client::connect([etcd.endpoint()], None).await.unwrap();
+    assert!(anonymous.get("/e2e/", None).await.is_err());
+
+    let upstream = EchoUpstream::start();
+    let env = [("ETCD_PW", "root-pw")];
+    let auth = ", username: root, password: $env://ETCD_PW ";
+    let a = Replica::start_with(&etcd, &upstream, auth, &env).await;
+    let b = Replica::start_with(&etcd, &upstream, auth, &env).await;
+    jwt_route(&a).await;
+    consumer_with_credential(&a, "jack").await;
+    let jack = token("jack-key", SECRET);
+    eventually(Duration::from_secs(1), "B accepts jack's token", || async {
+        b.get("/jwt/x", Some(&jack)).await.status == 200
+    })
+    .await;
+    let mut user = Client::connect(
+        [etcd.endpoint()],
+        Some(ConnectOptions::new().with_user("root", "root-pw")),
+    )
+    .await
+    .unwrap();
+    let stored = user.get("/e2e/consumers/jack", None).await.unwrap();
+    let value: Value = serde_json::from_slice(stored.kvs()[0].value()).unwrap();
+    assert_eq!(value["username"], "jack");
+    assert!(value["create_time"].as_i64().unwrap() > 0);
 }
