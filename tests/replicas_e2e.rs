@@ -523,3 +523,23 @@ async fn replicas_authenticate_to_etcd() {
     assert_eq!(value["username"], "jack");
     assert!(value["create_time"].as_i64().unwrap() > 0);
 }
+
+/// etcd over TLS with client certificates (`store.tls`).
+#[tokio::test]
+async fn replicas_reach_etcd_over_mutual_tls() {
+    let etcd = Etcd::start_tls().await;
+    let upstream = EchoUpstream::start();
+    let d = etcd.dir().display().to_string();
+    let tls = format!(
+        ", tls: {{ ca: '{d}/ca.pem', cert: '{d}/client.pem', key: '{d}/client-key.pem' }} "
+    );
+    let a = Replica::start_with(&etcd, &upstream, &tls, &[]).await;
+    let b = Replica::start_with(&etcd, &upstream, &tls, &[]).await;
+    jwt_route(&a).await;
+    consumer_with_credential(&b, "jack").await;
+    let jack = token("jack-key", SECRET);
+    eventually(Duration::from_secs(1), "A accepts jack's token", || async {
+        a.get("/jwt/x", Some(&jack)).await.status == 200
+    })
+    .await;
+}
