@@ -309,6 +309,11 @@ impl Plugin {
                             allow_degradation = self.allow_degradation,
                             "limit-count: failed to limit count"
                         );
+                        metrics::counter!(
+                            "portcullis_limit_count_redis_errors_total",
+                            "allowed" => if self.allow_degradation { "true" } else { "false" }
+                        )
+                        .increment(1);
                         if self.allow_degradation {
                             return Outcome::Continue;
                         }
