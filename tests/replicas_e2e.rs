@@ -543,3 +543,59 @@ async fn replicas_reach_etcd_over_mutual_tls() {
     })
     .await;
 }
+
+/// A replica whose watch falls behind a compaction (here: stopped while thousands
+/// of events pass and etcd compacts them away) reloads everything and converges.
+#[tokio::test]
+async fn a_replica_behind_a_compaction_reloads_and_converges() {
+    use etcd_client::{Client, Txn, TxnOp};
+    let etcd = Etcd::start().await;
+    let upstream = EchoUpstream::start();
+    let a = Replica::start(&etcd, &upstream).await;
+    let b = Replica::start(&etcd, &upstream).await;
+    jwt_route(&a).await;
+    let signal = |sig: &str, pid: u32| {
+        let ok = std::process::Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig} {pid}");
+    };
+    signal("-STOP", b.portcullis.pid());
+    let mut client = Client::connect([etcd.endpoint()], None).await.unwrap();
+    // Far more than socket buffers and etcd's per-watch queue hold: B's watcher falls
+    // behind and has to be caught up from etcd's history.
+    let filler = "x".repeat(8 * 1024);
+    for batch in 0..400 {
+        let ops: Vec<TxnOp> = (0..10)
+            .map(|i| TxnOp::put(format!("/e2e/filler/{batch}-{i}"), filler.clone(), None))
+            .collect();
+        client.txn(Txn::new().and_then(ops)).await.unwrap();
+    }
+    consumer_with_credential(&a, "late").await;
+    let status = client.status().await.unwrap();
+    let revision = status.header().unwrap().revision();
+    client.compact(revision, None).await.unwrap();
+    signal("-CONT", b.portcullis.pid());
+
+    let late = token("late-key", SECRET);
+    eventually(
+        Duration::from_secs(10),
+        "B accepts a consumer written while it was stopped",
+        || async { b.get("/jwt/x", Some(&late)).await.status == 200 },
+    )
+    .await;
+    assert!(
+        b.portcullis.output().contains("revision compacted"),
+        "B's watch was cancelled by the compaction and B reloaded"
+    );
+    // And B keeps following: a later write arrives through the new watch.
+    ok(a.portcullis.admin().delete("consumers/late").await);
+    eventually(
+        Duration::from_secs(1),
+        "B follows after the reload",
+        || async { b.get("/jwt/x", Some(&late)).await.status == 401 },
+    )
+    .await;
+}

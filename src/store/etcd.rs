@@ -32,6 +32,10 @@ use crate::resources::{ConsumerSpec, CredentialSpec, RouteSpec};
 use crate::runtime::Runtime;
 use crate::snapshot::{self, Consumers};
 
+/// The largest etcd answer accepted (gRPC's default is 4 MiB): one watch answer
+/// carries a whole transaction, and values may be up to etcd's 1.5 MiB.
+const MAX_MESSAGE: usize = 64 << 20;
+
 /// A connected etcd and the prefix this deployment's resources live under.
 pub struct Etcd {
     client: Client,
@@ -112,23 +116,36 @@ impl Etcd {
 
     /// Every resource under the prefix, as changes at one revision. Read in pages
     /// pinned to the first page's revision: one answer with 100k consumers would
-    /// pass gRPC's message limit, and pinning keeps the pages one consistent view.
+    /// pass the gRPC message limit, and pinning keeps the pages one consistent view.
+    /// A page still too large (big values, or foreign keys under the prefix) is
+    /// asked for again in halves.
     pub async fn load(&self) -> Result<(Vec<Change>, u64), String> {
-        const PAGE: i64 = 1000;
-        let mut client = self.client.clone();
+        let mut kv = self
+            .client
+            .kv_client()
+            .max_decoding_message_size(MAX_MESSAGE);
+        let mut page: i64 = 1000;
         let mut from = format!("{}/", self.prefix).into_bytes();
         // The end of the `<prefix>/` range: '/' + 1 is '0'.
         let end = format!("{}0", self.prefix).into_bytes();
         let mut revision = 0;
         let mut changes = Vec::new();
         loop {
-            let mut opts = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
+            let mut opts = GetOptions::new().with_range(end.clone()).with_limit(page);
             if revision > 0 {
                 opts = opts.with_revision(revision);
             }
-            let resp = self
-                .bounded("range", client.get(from.clone(), Some(opts)))
-                .await?;
+            let resp = match tokio::time::timeout(self.timeout, kv.get(from.clone(), Some(opts)))
+                .await
+            {
+                Ok(Ok(resp)) => resp,
+                Ok(Err(e)) if page > 1 && e.to_string().contains("message length too large") => {
+                    page /= 2;
+                    continue;
+                }
+                Ok(Err(e)) => return Err(format!("etcd range failed: {e}")),
+                Err(_) => return Err(format!("etcd range timed out after {:?}", self.timeout)),
+            };
             if revision == 0 {
                 revision = resp.header().map_or(0, |h| h.revision());
             }
@@ -705,7 +722,10 @@ async fn watch(store: std::sync::Weak<Store>, mut revision: u64) {
     loop {
         let Some(s) = store.upgrade() else { return };
         let Some(etcd) = &s.etcd else { return };
-        let mut client = etcd.client.clone();
+        let mut client = etcd
+            .client
+            .watch_client()
+            .max_decoding_message_size(MAX_MESSAGE);
         let prefix = format!("{}/", etcd.prefix);
         let opts = WatchOptions::new()
             .with_prefix()
