@@ -4,6 +4,7 @@ use serde_json::json;
 
 use super::*;
 use crate::config::Unmatched;
+use crate::plugins::BuildContext;
 use crate::plugins::Shared;
 
 const P: &str = "/portcullis";
