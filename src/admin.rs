@@ -104,6 +104,11 @@ fn write_error(e: WriteError) -> Response {
             tracing::error!(error = %e, "Admin API write not persisted");
             error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string())
         }
+        WriteError::Conflict(msg) => error(StatusCode::CONFLICT, &msg),
+        WriteError::Unavailable(msg) => {
+            tracing::error!(error = %msg, "Admin API write not acknowledged by etcd");
+            error(StatusCode::SERVICE_UNAVAILABLE, &msg)
+        }
     }
 }
 
@@ -131,8 +136,12 @@ fn body_json(body: &Bytes) -> Result<Value, Reject> {
 }
 
 async fn put(store: &Store, id: ResourceId, body: Value) -> Response {
+    put_if(store, id, body, None).await
+}
+
+async fn put_if(store: &Store, id: ResourceId, body: Value, expected: Option<u64>) -> Response {
     let key = id.key();
-    match store.put(id, body).await {
+    match store.put_if(id, body, expected).await {
         Ok((created, value)) => {
             let status = if created {
                 StatusCode::CREATED
@@ -197,7 +206,7 @@ async fn patch(store: &Store, id: ResourceId, body: Bytes) -> Response {
         Ok(v) => v,
         Err(r) => return r.into_response(),
     };
-    let Some((mut current, _, _)) = store.get(&id).await else {
+    let Some((mut current, _, modified)) = store.get(&id).await else {
         return (
             StatusCode::NOT_FOUND,
             Json(json!({ "message": "Key not found" })),
@@ -209,7 +218,8 @@ async fn patch(store: &Store, id: ResourceId, body: Bytes) -> Response {
         map.remove("create_time");
         map.remove("update_time");
     }
-    put(store, id, current).await
+    // Only if nobody changed it since it was read: the merge was made on that version.
+    put_if(store, id, current, Some(modified)).await
 }
 
 #[derive(Deserialize)]

@@ -29,6 +29,9 @@ pub struct FileConfig {
     pub unmatched: Unmatched,
     #[serde(default)]
     pub auth_request: AuthRequestSettings,
+    /// Where routes, consumers and credentials live: this file (default) or etcd.
+    #[serde(default)]
+    pub store: StoreSettings,
     #[serde(default)]
     pub routes: Vec<RouteSpec>,
     #[serde(default)]
@@ -92,6 +95,72 @@ impl Default for AuthRequestSettings {
     fn default() -> Self {
         AuthRequestSettings {
             path: default_auth_path(),
+        }
+    }
+}
+
+/// The config provider. `file`: routes and consumers from this file plus Admin API
+/// writes in `state_file`. `etcd`: every replica reads and watches the same etcd
+/// prefix, and Admin API writes go there (docs/replicas.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreSettings {
+    #[serde(default)]
+    pub kind: StoreKind,
+    /// `http://host:port` (or `https://` with `tls`).
+    #[serde(default)]
+    pub endpoints: Vec<String>,
+    #[serde(default = "default_prefix")]
+    pub prefix: String,
+    #[serde(default)]
+    pub username: Option<String>,
+    /// May be `$env://NAME`.
+    #[serde(default)]
+    pub password: Option<String>,
+    #[serde(default)]
+    pub tls: Option<EtcdTls>,
+    /// Seconds one etcd request (read, write, initial load) may take.
+    #[serde(default = "default_store_timeout")]
+    pub timeout: f64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    #[default]
+    File,
+    Etcd,
+}
+
+/// PEM files for etcd's TLS: `ca` to verify the server, `cert` + `key` for mTLS.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdTls {
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+}
+
+fn default_prefix() -> String {
+    "/portcullis".into()
+}
+fn default_store_timeout() -> f64 {
+    5.0
+}
+
+impl Default for StoreSettings {
+    fn default() -> Self {
+        StoreSettings {
+            kind: StoreKind::File,
+            endpoints: Vec::new(),
+            prefix: default_prefix(),
+            username: None,
+            password: None,
+            tls: None,
+            timeout: default_store_timeout(),
         }
     }
 }
@@ -160,7 +229,84 @@ impl FileConfig {
                 config.admin.api_key = None;
             }
         }
+        config.check_store(file)?;
         Ok(config)
+    }
+
+    /// With etcd, etcd is the only source of resources: a file that also declared
+    /// some would leave two truths, so it is refused rather than merged.
+    fn check_store(&mut self, file: &str) -> Result<(), ConfigError> {
+        let invalid = |path: &str, reason: String| ConfigError::Invalid {
+            file: file.to_owned(),
+            path: path.to_owned(),
+            reason,
+        };
+        let store = &mut self.store;
+        if store.kind == StoreKind::File {
+            if !store.endpoints.is_empty() {
+                return Err(invalid(
+                    "store.endpoints",
+                    "endpoints are only used with `kind: etcd`".into(),
+                ));
+            }
+            return Ok(());
+        }
+        if store.endpoints.is_empty() {
+            return Err(invalid(
+                "store.endpoints",
+                "`kind: etcd` needs at least one endpoint, e.g. http://127.0.0.1:2379".into(),
+            ));
+        }
+        if !store.prefix.starts_with('/') || store.prefix.ends_with('/') {
+            return Err(invalid(
+                "store.prefix",
+                format!(
+                    "{:?}: expected an absolute key prefix without a trailing slash, e.g. /portcullis",
+                    store.prefix
+                ),
+            ));
+        }
+        if !(store.timeout > 0.0 && store.timeout.is_finite()) {
+            return Err(invalid("store.timeout", "expected seconds > 0".into()));
+        }
+        if store.password.is_some() != store.username.is_some() {
+            return Err(invalid(
+                "store.username",
+                "username and password go together".into(),
+            ));
+        }
+        if let Some(pw) = &mut store.password {
+            let mut v = Value::String(std::mem::take(pw));
+            resolve_env(&mut v).map_err(|e| invalid("store.password", e.to_string()))?;
+            *pw = v.as_str().unwrap_or_default().to_owned();
+        }
+        if let Some(tls) = &store.tls
+            && tls.cert.is_some() != tls.key.is_some()
+        {
+            return Err(invalid(
+                "store.tls",
+                "cert and key go together (client certificate)".into(),
+            ));
+        }
+        if !self.routes.is_empty() || !self.consumers.is_empty() {
+            return Err(invalid(
+                if self.routes.is_empty() {
+                    "consumers"
+                } else {
+                    "routes"
+                },
+                "with `store.kind: etcd` routes and consumers live in etcd: write them \
+                 through the Admin API (this file may not declare any)"
+                    .into(),
+            ));
+        }
+        if self.state_file.is_some() {
+            return Err(invalid(
+                "state_file",
+                "with `store.kind: etcd` Admin API writes go to etcd; remove state_file".into(),
+            ));
+        }
+        Ok(())
     }
 
     /// The state file, relative paths taken from the config file's directory.
@@ -238,6 +384,33 @@ mod tests {
         let mut v = serde_json::json!({"a": "$env://PATH", "b": 1});
         resolve_env(&mut v).unwrap();
         assert_eq!(v["a"], Value::String(std::env::var("PATH").unwrap()));
+    }
+
+    #[test]
+    fn etcd_store_refuses_a_second_source_of_resources() {
+        let c = FileConfig::parse("{}", "x").unwrap();
+        assert_eq!(c.store.kind, StoreKind::File);
+        let c = FileConfig::parse(
+            "store: { kind: etcd, endpoints: [http://127.0.0.1:2379] }",
+            "x",
+        )
+        .unwrap();
+        assert_eq!(c.store.prefix, "/portcullis");
+        assert_eq!(c.store.timeout, 5.0);
+        let err = FileConfig::parse("store: { kind: etcd }", "x").unwrap_err();
+        assert!(err.to_string().contains("store.endpoints"), "{err}");
+        let err = FileConfig::parse(
+            "store: { kind: etcd, endpoints: [http://e:2379] }\nroutes: [{ id: a, uri: /a }]",
+            "x",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("live in etcd"), "{err}");
+        let err = FileConfig::parse(
+            "store: { kind: etcd, endpoints: [http://e:2379], prefix: /p/ }",
+            "x",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("store.prefix"), "{err}");
     }
 
     #[test]

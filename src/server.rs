@@ -12,7 +12,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic_health::ServingStatus;
 
-use crate::config::{ConfigError, DEFAULT_CONFIG, FileConfig};
+use crate::config::{ConfigError, DEFAULT_CONFIG, FileConfig, StoreKind};
 use crate::grpc::{AuthService, EXT_AUTHZ_DESCRIPTOR, SERVICE_NAME};
 use crate::runtime::Runtime;
 use crate::store::{LoadError, Store};
@@ -64,18 +64,24 @@ pub async fn serve(opts: Options) -> Result<(), ServeError> {
     let metrics_handle = telemetry::init_metrics();
     let runtime = Arc::new(Runtime::default());
     let state_path = config.state_path(opts.config.as_deref());
-    let store = Arc::new(Store::open(
-        runtime.clone(),
-        &config,
-        &file,
-        state_path.clone(),
-    )?);
-    tracing::info!(
-        config = %file,
-        state_file = %state_path.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "(none)".into()),
-        routes = runtime.snapshot().router.len(),
-        "configuration loaded"
-    );
+    let store = match config.store.kind {
+        StoreKind::File => {
+            let store = Arc::new(Store::open(
+                runtime.clone(),
+                &config,
+                &file,
+                state_path.clone(),
+            )?);
+            tracing::info!(
+                config = %file,
+                state_file = %state_path.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "(none)".into()),
+                routes = runtime.snapshot().router.len(),
+                "configuration loaded"
+            );
+            store
+        }
+        StoreKind::Etcd => Store::open_etcd(runtime.clone(), &config).await?,
+    };
     // The store holds its own copy of the resources; with 100k consumers the parsed
     // lists kept here for the process's lifetime would double the memory.
     config.routes = Vec::new();

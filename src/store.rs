@@ -9,6 +9,11 @@
 //! (temp file, fsync, rename) → publish → acknowledge. Publishing is incremental: a
 //! route write rebuilds only the route index; a consumer or credential write updates
 //! its own entries in the shared concurrent maps.
+//!
+//! With `store.kind: etcd` ([`etcd`]) there is no file layer: the Admin layer is a
+//! mirror of the etcd prefix, kept by a watch, and a write is a revision-checked
+//! etcd transaction whose result reaches this replica through the same watch as
+//! every other replica's writes.
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::PathBuf;
@@ -23,6 +28,7 @@ use crate::runtime::Runtime;
 use crate::snapshot::{self, AuthKey, CompileError, Consumers, Route, Snapshot};
 
 mod build;
+pub mod etcd;
 mod layers;
 
 pub use build::validate;
@@ -61,6 +67,12 @@ pub enum WriteError {
         file: String,
         source: std::io::Error,
     },
+    /// Someone else changed the resource between this write's read and its commit.
+    #[error("{0}")]
+    Conflict(String),
+    /// The shared store (etcd) did not acknowledge the write.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl From<CompileError> for WriteError {
@@ -75,6 +87,8 @@ pub enum LoadError {
     Resource { file: String, error: String },
     #[error("state file {file}: {reason}")]
     StateFile { file: String, reason: String },
+    #[error("etcd: {0}")]
+    Etcd(String),
 }
 
 struct Inner {
@@ -91,6 +105,10 @@ struct Inner {
 pub struct Store {
     runtime: Arc<Runtime>,
     state_path: Option<PathBuf>,
+    /// Set with `store.kind: etcd`: writes go there instead of the state file.
+    etcd: Option<etcd::Etcd>,
+    /// The etcd revision the mirror has applied up to (0 with the file provider).
+    applied: tokio::sync::watch::Sender<u64>,
     inner: tokio::sync::Mutex<Inner>,
 }
 
@@ -145,6 +163,8 @@ impl Store {
         let store = Store {
             runtime,
             state_path,
+            etcd: None,
+            applied: tokio::sync::watch::channel(0).0,
             inner: tokio::sync::Mutex::new(inner),
         };
         let mut inner = store
@@ -177,6 +197,12 @@ impl Store {
     /// changes: the last good snapshot keeps serving.
     pub async fn reload_file(&self, config: &FileConfig, file: &str) -> Result<(), LoadError> {
         let mut inner = self.inner.lock().await;
+        if self.etcd.is_some() {
+            // Resources live in etcd; only file-level settings apply.
+            inner.unmatched = config.unmatched;
+            self.publish_routes(&inner);
+            return Ok(());
+        }
         let file_res = file_layer(config).map_err(|error| LoadError::Resource {
             file: file.to_owned(),
             error,
@@ -292,7 +318,32 @@ impl Store {
 
     /// Creates or replaces a resource. Returns (created, stored value).
     pub async fn put(&self, id: ResourceId, body: Value) -> Result<(bool, Value), WriteError> {
+        self.put_if(id, body, None).await
+    }
+
+    /// As [`put`](Self::put), but only if the resource is still at `expected`
+    /// (its `modifiedIndex` when it was read): a read-modify-write such as PATCH
+    /// must not overwrite a change made in between.
+    pub async fn put_if(
+        &self,
+        id: ResourceId,
+        body: Value,
+        expected: Option<u64>,
+    ) -> Result<(bool, Value), WriteError> {
+        if let Some(etcd) = &self.etcd {
+            return self.put_etcd(etcd, id, body, expected).await;
+        }
         let mut inner = self.inner.lock().await;
+        if let Some(expected) = expected {
+            let current = match &id {
+                ResourceId::Route(k) => inner.route(k).map(|s| s.modified_index),
+                ResourceId::Consumer(k) => inner.consumer(k).map(|s| s.modified_index),
+                ResourceId::Credential(u, k) => inner.credential(u, k).map(|s| s.modified_index),
+            };
+            if current != Some(expected) {
+                return Err(conflict(&id));
+            }
+        }
         let cx = BuildContext {
             shared: &self.runtime.shared,
         };
@@ -421,6 +472,9 @@ impl Store {
 
     /// Deletes a resource; deleting a consumer deletes its credentials.
     pub async fn delete(&self, id: &ResourceId) -> Result<(), WriteError> {
+        if let Some(etcd) = &self.etcd {
+            return self.delete_etcd(etcd, id).await;
+        }
         let mut inner = self.inner.lock().await;
         let index = inner.admin.index + 1;
         let undo = Undo::of(&inner.admin);
@@ -530,6 +584,13 @@ impl Inner {
             .flatten()
         })
     }
+}
+
+fn conflict(id: &ResourceId) -> WriteError {
+    WriteError::Conflict(format!(
+        "{} was changed by another write in the meantime; read it again and retry",
+        id.key()
+    ))
 }
 
 pub enum ListKind<'a> {

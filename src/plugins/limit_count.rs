@@ -9,8 +9,10 @@
 //! (the client address by default). With `group`, every route of the group shares
 //! `group:key`. As in `resty.limit.count`, a window opens with the first request
 //! it counts and lasts `time_window` seconds.
-use std::collections::hash_map::DefaultHasher;
-use std::hash::{Hash, Hasher};
+//!
+//! With `policy: redis` ([`redis`]) the same counter lives in Redis, shared by every
+//! replica; when Redis cannot answer, `allow_degradation` lets the request through,
+//! else it is denied with APISIX's 500 `{"error_msg":"failed to limit count"}`.
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -50,6 +52,24 @@ struct Conf {
     #[serde(default)]
     #[allow(dead_code)]
     sync_interval: Option<f64>,
+    redis_host: Option<String>,
+    #[serde(default = "default_redis_port")]
+    redis_port: u16,
+    redis_username: Option<String>,
+    redis_password: Option<String>,
+    #[serde(default)]
+    redis_database: u32,
+    #[serde(default = "default_redis_timeout")]
+    redis_timeout: u64,
+    #[serde(default)]
+    redis_ssl: bool,
+}
+
+fn default_redis_port() -> u16 {
+    6379
+}
+fn default_redis_timeout() -> u64 {
+    1000
 }
 
 fn default_window_type() -> String {
@@ -93,6 +113,10 @@ pub struct Plugin {
     show_limit_quota_header: bool,
     /// Changes whenever the settings that shape a counter change.
     fingerprint: u64,
+    /// `policy: redis`: where the shared counter lives.
+    redis: Option<redis::Target>,
+    /// With Redis unreachable: let requests through (true) or deny with 500.
+    allow_degradation: bool,
 }
 
 /// Counters shared by every snapshot.
@@ -100,6 +124,8 @@ pub struct Plugin {
 pub struct Shared {
     windows: DashMap<String, Window>,
     last_sweep: Mutex<Instant>,
+    /// Connections of the redis policy, one per Redis target.
+    redis: redis::Pool,
 }
 
 impl Default for Shared {
@@ -107,6 +133,7 @@ impl Default for Shared {
         Shared {
             windows: DashMap::new(),
             last_sweep: Mutex::new(Instant::now()),
+            redis: redis::Pool::default(),
         }
     }
 }
@@ -175,19 +202,31 @@ impl Shared {
 impl Plugin {
     pub fn compile(conf: &Value, _cx: &BuildContext<'_>) -> Result<Self, String> {
         let conf: Conf = serde_json::from_value(conf.clone()).map_err(|e| e.to_string())?;
-        if conf.policy != "local" {
-            return Err(match conf.policy.as_str() {
-                "redis" | "redis-cluster" | "redis-sentinel" => format!(
-                    "policy \"{}\" is not supported yet; use \"local\" (counters in this \
-                     portcullis process)",
+        let redis = match conf.policy.as_str() {
+            "local" => None,
+            "redis" => Some(redis::Target::new(&redis::Settings {
+                redis_host: conf.redis_host.clone(),
+                redis_port: conf.redis_port,
+                redis_username: conf.redis_username.clone(),
+                redis_password: conf.redis_password.clone(),
+                redis_database: conf.redis_database,
+                redis_timeout: conf.redis_timeout,
+                redis_ssl: conf.redis_ssl,
+            })?),
+            "redis-cluster" | "redis-sentinel" => {
+                return Err(format!(
+                    "policy \"{}\" is not supported; use \"redis\" (one shared Redis) or \
+                     \"local\"",
                     conf.policy
-                ),
-                other => format!(
+                ));
+            }
+            other => {
+                return Err(format!(
                     "property \"policy\" validation failed: {other:?} is not one of local, \
                      redis, redis-cluster, redis-sentinel"
-                ),
-            });
-        }
+                ));
+            }
+        };
         if conf.rules.is_some() {
             return Err("\"rules\" is not supported; use count, time_window and key".into());
         }
@@ -221,9 +260,12 @@ impl Plugin {
                 ));
             }
         };
-        let _ = conf.allow_degradation; // the local policy cannot fail
-        let mut hasher = DefaultHasher::new();
-        (count, time_window, &key, &conf.group).hash(&mut hasher);
+        // A stable digest (not std's hasher, which may change between Rust
+        // releases): replicas of different builds share Redis counters.
+        let digest = <sha2::Sha256 as sha2::Digest>::digest(
+            format!("{count}:{time_window}:{key:?}:{:?}", conf.group).as_bytes(),
+        );
+        let fingerprint = u64::from_be_bytes(digest[..8].try_into().expect("8 bytes"));
         Ok(Plugin {
             count,
             window: Duration::from_secs(time_window),
@@ -234,16 +276,56 @@ impl Plugin {
                 .rejected_msg
                 .map(|msg| serde_json::json!({ "error_msg": msg })),
             show_limit_quota_header: conf.show_limit_quota_header,
-            fingerprint: hasher.finish(),
+            fingerprint,
+            redis,
+            allow_degradation: conf.allow_degradation,
         })
     }
 
     pub async fn run(&self, cx: &mut Ctx<'_>) -> Outcome {
         let key = self.counter_key(cx);
-        let tally = cx
-            .shared
-            .limit_count
-            .incoming(key, self.count, self.window, Instant::now());
+        let tally = match &self.redis {
+            None => cx
+                .shared
+                .limit_count
+                .incoming(key, self.count, self.window, Instant::now()),
+            Some(target) => {
+                match cx
+                    .shared
+                    .limit_count
+                    .redis
+                    .incoming(target, &key, self.window)
+                    .await
+                {
+                    Ok(counted) => Tally {
+                        allowed: counted.used <= self.count,
+                        remaining: self.count.saturating_sub(counted.used),
+                        reset: (counted.reset * 100.0).floor() / 100.0,
+                    },
+                    Err(error) => {
+                        tracing::error!(
+                            redis = target.shown(),
+                            %error,
+                            allow_degradation = self.allow_degradation,
+                            "limit-count: failed to limit count"
+                        );
+                        metrics::counter!(
+                            "portcullis_limit_count_redis_errors_total",
+                            "allowed" => if self.allow_degradation { "true" } else { "false" }
+                        )
+                        .increment(1);
+                        if self.allow_degradation {
+                            return Outcome::Continue;
+                        }
+                        return Outcome::Deny(
+                            Deny::new(500)
+                                .json(&serde_json::json!({"error_msg": "failed to limit count"}))
+                                .because("limit-count: Redis unreachable"),
+                        );
+                    }
+                }
+            }
+        };
         let reset = format_reset(tally.reset);
         if tally.allowed {
             if self.show_limit_quota_header {
@@ -394,5 +476,6 @@ fn format_reset(reset: f64) -> String {
     text.trim_end_matches('0').trim_end_matches('.').to_owned()
 }
 
+pub mod redis;
 #[cfg(test)]
 mod tests;

@@ -14,8 +14,10 @@
 mod admin;
 mod echo;
 pub mod envoy;
+pub mod etcd;
 mod portcullis;
 mod process;
+pub mod redis;
 
 use std::collections::BTreeSet;
 use std::future::Future;

@@ -114,7 +114,8 @@ impl Portcullis {
             admin.insert("api_key".into(), "$env://ADMIN_API_KEY".into());
             map.insert("admin".into(), Yaml::Mapping(admin));
         }
-        if !map.contains_key("state_file") {
+        // With `store` (etcd) there is no state file.
+        if !map.contains_key("state_file") && !map.contains_key("store") {
             let state = self.state_path().display().to_string();
             map.insert("state_file".into(), state.into());
         }

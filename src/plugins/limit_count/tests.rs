@@ -96,9 +96,24 @@ fn config_is_checked() {
     assert!(p.show_limit_quota_header);
     assert!(p.rejected_body.is_none());
     let err = |v| compile(v).unwrap_err();
+    assert!(err(json!({"count": 3, "time_window": 30, "policy": "redis"})).contains("redis_host"));
     assert!(
-        err(json!({"count": 3, "time_window": 30, "policy": "redis"}))
-            .contains("not supported yet")
+        err(json!({"count": 3, "time_window": 30, "policy": "redis-cluster"}))
+            .contains("not supported")
+    );
+    let p = compile(json!({"count": 3, "time_window": 30, "policy": "redis",
+                           "redis_host": "127.0.0.1", "redis_password": "p@ss/word"}))
+    .unwrap();
+    let target = p.redis.as_ref().unwrap();
+    assert_eq!(
+        target.shown(),
+        "redis://127.0.0.1:6379/0",
+        "no credentials in logs"
+    );
+    assert!(
+        err(json!({"count": 3, "time_window": 30, "policy": "redis",
+                   "redis_host": "h", "redis_ssl": true}))
+        .contains("redis_ssl")
     );
     assert!(err(json!({"count": 3, "time_window": 30, "policy": "memcached"})).contains("policy"));
     assert!(err(json!({"time_window": 30})).contains("count"));

@@ -1,0 +1,265 @@
+//! Applying etcd's changes to the mirror and the compiled maps, one at a time.
+//!
+//! The same function serves the watch (one event after another) and a full load
+//! (every key, into an empty state), so a replica that followed events and one
+//! that just started hold the same resources. Nothing here talks to etcd.
+use std::sync::Arc;
+
+use serde_json::Value;
+
+use super::Change;
+use crate::plugins::BuildContext;
+use crate::resources::{ConsumerSpec, CredentialSpec, RouteSpec};
+use crate::snapshot::{self, Consumers};
+use crate::store::layers::{Resources, StateFile, Stored};
+use crate::store::{Inner, ResourceId, WriteError, duplicate_key, parse};
+
+/// Splits a stored `value` into the spec and its times.
+fn unstamp<T: serde::de::DeserializeOwned>(
+    mut value: Value,
+    created: u64,
+    modified: u64,
+) -> Result<Stored<T>, WriteError> {
+    let mut time = |field: &str| {
+        value
+            .as_object_mut()
+            .and_then(|m| m.remove(field))
+            .and_then(|v| v.as_i64())
+            .unwrap_or_default()
+    };
+    let (create_time, update_time) = (time("create_time"), time("update_time"));
+    Ok(Stored {
+        spec: parse(value)?,
+        create_time,
+        update_time,
+        created_index: created,
+        modified_index: modified,
+    })
+}
+
+impl Inner {
+    /// A state with nothing in it, for a full (re)load from etcd.
+    pub(in crate::store) fn empty(unmatched: crate::config::Unmatched) -> Self {
+        Inner {
+            file: Resources::default(),
+            admin: StateFile {
+                version: 1,
+                ..Default::default()
+            },
+            unmatched,
+            routes: Default::default(),
+            consumer_keys: Default::default(),
+            credential_keys: Default::default(),
+            consumers: Arc::new(Consumers::default()),
+        }
+    }
+
+    /// Applies one etcd change to the mirror and the compiled maps. A value that
+    /// no longer compiles (written by another version, or by hand) is logged and
+    /// not served; a change older than what the mirror holds is skipped. Returns
+    /// whether the route index must be rebuilt.
+    pub(in crate::store) fn apply(&mut self, cx: &BuildContext<'_>, change: Change) -> bool {
+        match change {
+            Change::Put {
+                id,
+                value,
+                created,
+                modified,
+            } => {
+                if self.modified_index(&id).is_some_and(|m| m >= modified) {
+                    return false;
+                }
+                let key = id.key();
+                let result = match &id {
+                    ResourceId::Route(rid) => self.put_route(cx, rid, value, created, modified),
+                    ResourceId::Consumer(name) => {
+                        self.put_consumer(cx, name, value, created, modified)
+                    }
+                    ResourceId::Credential(user, cid) => {
+                        self.put_credential(cx, user, cid, value, created, modified)
+                    }
+                };
+                match result {
+                    Ok(()) => matches!(id, ResourceId::Route(_)),
+                    Err(error) => {
+                        tracing::error!(key = %key, %error, "resource in etcd does not compile; not serving it");
+                        self.remove(&id)
+                    }
+                }
+            }
+            Change::Delete { id, revision } => {
+                if self.modified_index(&id).is_some_and(|m| m > revision) {
+                    return false;
+                }
+                self.remove(&id)
+            }
+        }
+    }
+
+    fn modified_index(&self, id: &ResourceId) -> Option<u64> {
+        let w = &self.admin.written;
+        match id {
+            ResourceId::Route(k) => w.routes.get(k).map(|s| s.modified_index),
+            ResourceId::Consumer(k) => w.consumers.get(k).map(|s| s.modified_index),
+            ResourceId::Credential(u, k) => w
+                .credentials
+                .get(&(u.clone(), k.clone()))
+                .map(|s| s.modified_index),
+        }
+    }
+
+    fn put_route(
+        &mut self,
+        cx: &BuildContext<'_>,
+        rid: &str,
+        value: Value,
+        created: u64,
+        modified: u64,
+    ) -> Result<(), WriteError> {
+        let mut stored: Stored<RouteSpec> = unstamp(value, created, modified)?;
+        stored.spec.id = Some(rid.to_owned());
+        let route = snapshot::compile_route(rid, &stored.spec, cx)?;
+        self.routes.insert(rid.to_owned(), Arc::new(route));
+        self.admin.written.routes.insert(rid.to_owned(), stored);
+        Ok(())
+    }
+
+    fn put_consumer(
+        &mut self,
+        cx: &BuildContext<'_>,
+        name: &str,
+        value: Value,
+        created: u64,
+        modified: u64,
+    ) -> Result<(), WriteError> {
+        let stored: Stored<ConsumerSpec> = unstamp(value, created, modified)?;
+        if stored.spec.username != name {
+            return Err(WriteError::Invalid(format!(
+                "username {:?} does not match the key",
+                stored.spec.username
+            )));
+        }
+        let compiled = snapshot::compile_consumer(&stored.spec, cx)?;
+        for key in self.consumer_keys.remove(name).unwrap_or_default() {
+            self.consumers.by_key.remove(&key);
+        }
+        let mut keys = Vec::new();
+        for (key, cred) in compiled.inline_credentials {
+            if let Some(other) = self.consumers.by_key.get(&key)
+                && &*other.username != name
+            {
+                tracing::error!(consumer = name, error = %duplicate_key(&key), "key in etcd already taken; ignoring it");
+                continue;
+            }
+            self.consumers.by_key.insert(key.clone(), cred);
+            keys.push(key);
+        }
+        self.consumer_keys.insert(name.to_owned(), keys);
+        let is_new = !self.consumers.by_name.contains_key(name);
+        self.consumers
+            .by_name
+            .insert(compiled.consumer.username.clone(), compiled.consumer);
+        self.admin.written.consumers.insert(name.to_owned(), stored);
+        if is_new {
+            // Credentials written before their consumer (by hand) start counting now.
+            let orphans: Vec<_> = self
+                .admin
+                .written
+                .credentials
+                .range((name.to_owned(), String::new())..)
+                .take_while(|((u, _), _)| u == name)
+                .map(|((u, c), s)| (u.clone(), c.clone(), s.clone()))
+                .collect();
+            for (u, c, s) in orphans {
+                if let Err(error) = self.compile_credential(cx, &u, &c, &s.spec) {
+                    tracing::error!(key = %ResourceId::Credential(u, c).key(), %error, "credential in etcd does not compile; not serving it");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn put_credential(
+        &mut self,
+        cx: &BuildContext<'_>,
+        user: &str,
+        cid: &str,
+        value: Value,
+        created: u64,
+        modified: u64,
+    ) -> Result<(), WriteError> {
+        let mut stored: Stored<CredentialSpec> = unstamp(value, created, modified)?;
+        stored.spec.id = Some(cid.to_owned());
+        if self.consumers.by_name.contains_key(user) {
+            self.compile_credential(cx, user, cid, &stored.spec)?;
+        }
+        self.admin
+            .written
+            .credentials
+            .insert((user.to_owned(), cid.to_owned()), stored);
+        Ok(())
+    }
+
+    fn compile_credential(
+        &mut self,
+        cx: &BuildContext<'_>,
+        user: &str,
+        cid: &str,
+        spec: &CredentialSpec,
+    ) -> Result<(), WriteError> {
+        let (key, cred) = snapshot::compile_credential(user, cid, spec, cx)?;
+        if let Some(other) = self.consumers.by_key.get(&key)
+            && !(&*other.username == user && other.credential_id.as_deref() == Some(cid))
+        {
+            return Err(WriteError::Invalid(duplicate_key(&key)));
+        }
+        let ck = (user.to_owned(), cid.to_owned());
+        if let Some(old) = self.credential_keys.remove(&ck) {
+            self.consumers.by_key.remove(&old);
+        }
+        self.consumers.by_key.insert(key.clone(), cred);
+        self.credential_keys.insert(ck, key);
+        Ok(())
+    }
+
+    /// Removes a resource from the mirror and the compiled maps; a consumer's
+    /// credentials stop being served with it. Returns whether a route went.
+    fn remove(&mut self, id: &ResourceId) -> bool {
+        match id {
+            ResourceId::Route(rid) => {
+                self.admin.written.routes.remove(rid);
+                self.routes.remove(rid).is_some()
+            }
+            ResourceId::Consumer(name) => {
+                self.admin.written.consumers.remove(name);
+                for key in self.consumer_keys.remove(name).unwrap_or_default() {
+                    self.consumers.by_key.remove(&key);
+                }
+                // Its credentials stop authenticating now. Their keys stay mirrored
+                // until etcd deletes them too (the Admin API does so in the same
+                // transaction), exactly as a fresh load would see them.
+                let creds: Vec<_> = self
+                    .credential_keys
+                    .keys()
+                    .filter(|(u, _)| u == name)
+                    .cloned()
+                    .collect();
+                for ck in creds {
+                    if let Some(key) = self.credential_keys.remove(&ck) {
+                        self.consumers.by_key.remove(&key);
+                    }
+                }
+                self.consumers.by_name.remove(name.as_str());
+                false
+            }
+            ResourceId::Credential(user, cid) => {
+                let ck = (user.clone(), cid.clone());
+                self.admin.written.credentials.remove(&ck);
+                if let Some(key) = self.credential_keys.remove(&ck) {
+                    self.consumers.by_key.remove(&key);
+                }
+                false
+            }
+        }
+    }
+}
