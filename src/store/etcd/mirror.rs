@@ -11,15 +11,17 @@ use super::Change;
 use crate::plugins::BuildContext;
 use crate::resources::{ConsumerSpec, CredentialSpec, RouteSpec};
 use crate::snapshot::{self, Consumers};
-use crate::store::layers::{Resources, StateFile, Stored};
+use crate::store::layers::{Compact, Resources, StateFile, Stored};
 use crate::store::{Inner, ResourceId, WriteError, duplicate_key, parse};
 
-/// Splits a stored `value` into the spec and its times.
-fn unstamp<T: serde::de::DeserializeOwned>(
-    mut value: Value,
-    created: u64,
-    modified: u64,
-) -> Result<Stored<T>, WriteError> {
+/// A stored `value` split into the spec and its times.
+struct Unstamped<T> {
+    spec: T,
+    create_time: i64,
+    update_time: i64,
+}
+
+fn unstamp<T: serde::de::DeserializeOwned>(mut value: Value) -> Result<Unstamped<T>, WriteError> {
     let mut time = |field: &str| {
         value
             .as_object_mut()
@@ -28,13 +30,23 @@ fn unstamp<T: serde::de::DeserializeOwned>(
             .unwrap_or_default()
     };
     let (create_time, update_time) = (time("create_time"), time("update_time"));
-    Ok(Stored {
+    Ok(Unstamped {
         spec: parse(value)?,
         create_time,
         update_time,
-        created_index: created,
-        modified_index: modified,
     })
+}
+
+impl<T: serde::Serialize + serde::de::DeserializeOwned> Unstamped<T> {
+    fn stored(&self, created: u64, modified: u64) -> Stored<T> {
+        Stored {
+            spec: Compact::new(&self.spec),
+            create_time: self.create_time,
+            update_time: self.update_time,
+            created_index: created,
+            modified_index: modified,
+        }
+    }
 }
 
 impl Inner {
@@ -116,11 +128,14 @@ impl Inner {
         created: u64,
         modified: u64,
     ) -> Result<(), WriteError> {
-        let mut stored: Stored<RouteSpec> = unstamp(value, created, modified)?;
-        stored.spec.id = Some(rid.to_owned());
-        let route = snapshot::compile_route(rid, &stored.spec, cx)?;
+        let mut got: Unstamped<RouteSpec> = unstamp(value)?;
+        got.spec.id = Some(rid.to_owned());
+        let route = snapshot::compile_route(rid, &got.spec, cx)?;
         self.routes.insert(rid.to_owned(), Arc::new(route));
-        self.admin.written.routes.insert(rid.to_owned(), stored);
+        self.admin
+            .written
+            .routes
+            .insert(rid.to_owned(), got.stored(created, modified));
         Ok(())
     }
 
@@ -132,14 +147,14 @@ impl Inner {
         created: u64,
         modified: u64,
     ) -> Result<(), WriteError> {
-        let stored: Stored<ConsumerSpec> = unstamp(value, created, modified)?;
-        if stored.spec.username != name {
+        let got: Unstamped<ConsumerSpec> = unstamp(value)?;
+        if got.spec.username != name {
             return Err(WriteError::Invalid(format!(
                 "username {:?} does not match the key",
-                stored.spec.username
+                got.spec.username
             )));
         }
-        let compiled = snapshot::compile_consumer(&stored.spec, cx)?;
+        let compiled = snapshot::compile_consumer(&got.spec, cx)?;
         for key in self.consumer_keys.remove(name).unwrap_or_default() {
             self.consumers.by_key.remove(&key);
         }
@@ -159,7 +174,10 @@ impl Inner {
         self.consumers
             .by_name
             .insert(compiled.consumer.username.clone(), compiled.consumer);
-        self.admin.written.consumers.insert(name.to_owned(), stored);
+        self.admin
+            .written
+            .consumers
+            .insert(name.to_owned(), got.stored(created, modified));
         if is_new {
             // Credentials written before their consumer (by hand) start counting now.
             let orphans: Vec<_> = self
@@ -171,7 +189,12 @@ impl Inner {
                 .map(|((u, c), s)| (u.clone(), c.clone(), s.clone()))
                 .collect();
             for (u, c, s) in orphans {
-                if let Err(error) = self.compile_credential(cx, &u, &c, &s.spec) {
+                let compiled = s
+                    .spec
+                    .get()
+                    .map_err(WriteError::Invalid)
+                    .and_then(|spec| self.compile_credential(cx, &u, &c, &spec));
+                if let Err(error) = compiled {
                     tracing::error!(key = %ResourceId::Credential(u, c).key(), %error, "credential in etcd does not compile; not serving it");
                 }
             }
@@ -188,15 +211,15 @@ impl Inner {
         created: u64,
         modified: u64,
     ) -> Result<(), WriteError> {
-        let mut stored: Stored<CredentialSpec> = unstamp(value, created, modified)?;
-        stored.spec.id = Some(cid.to_owned());
+        let mut got: Unstamped<CredentialSpec> = unstamp(value)?;
+        got.spec.id = Some(cid.to_owned());
         if self.consumers.by_name.contains_key(user) {
-            self.compile_credential(cx, user, cid, &stored.spec)?;
+            self.compile_credential(cx, user, cid, &got.spec)?;
         }
-        self.admin
-            .written
-            .credentials
-            .insert((user.to_owned(), cid.to_owned()), stored);
+        self.admin.written.credentials.insert(
+            (user.to_owned(), cid.to_owned()),
+            got.stored(created, modified),
+        );
         Ok(())
     }
 

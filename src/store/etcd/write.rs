@@ -9,7 +9,7 @@ use super::Etcd;
 use crate::plugins::BuildContext;
 use crate::resources::{ConsumerSpec, CredentialSpec, RouteSpec};
 use crate::snapshot;
-use crate::store::layers::{Stored, view};
+use crate::store::layers::{Compact, Stored, view};
 use crate::store::{ResourceId, Store, WriteError, conflict, duplicate_key, now, parse};
 
 impl Store {
@@ -145,14 +145,14 @@ impl Store {
 }
 
 /// The Admin `value` of a spec stamped with its times (what etcd stores).
-fn stamp<T: serde::Serialize>(
+fn stamp<T: serde::Serialize + serde::de::DeserializeOwned>(
     spec: &T,
     id: Option<&String>,
     create_time: Option<i64>,
     t: i64,
 ) -> Value {
     let stored = Stored {
-        spec,
+        spec: Compact::new(spec),
         create_time: create_time.unwrap_or(t),
         update_time: t,
         created_index: 0,
