@@ -1,0 +1,233 @@
+//! The config file: where portcullis listens, who may use the Admin API, and the
+//! routes and consumers it starts with.
+//!
+//! The file is parsed once into typed structs with unknown keys refused, and every
+//! error names the file, the path inside it and what was expected, so
+//! `portcullis validate` and a rejected hot reload say exactly what to fix.
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::resources::{ConsumerEntry, RouteSpec};
+
+/// The default config: nothing to set up, nothing exposed beyond loopback.
+pub const DEFAULT_CONFIG: &str = include_str!("default-config.yaml");
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    #[serde(default)]
+    pub listen: Listen,
+    #[serde(default)]
+    pub admin: AdminSettings,
+    /// Where Admin API writes persist; default `portcullis-state.yaml` beside the config.
+    #[serde(default)]
+    pub state_file: Option<PathBuf>,
+    #[serde(default)]
+    pub unmatched: Unmatched,
+    #[serde(default)]
+    pub routes: Vec<RouteSpec>,
+    #[serde(default)]
+    pub consumers: Vec<ConsumerEntry>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listen {
+    #[serde(default = "default_grpc")]
+    pub grpc: SocketAddr,
+    #[serde(default = "default_http")]
+    pub http: SocketAddr,
+    #[serde(default = "default_admin")]
+    pub admin: SocketAddr,
+}
+
+fn default_grpc() -> SocketAddr {
+    ([127, 0, 0, 1], 9191).into()
+}
+fn default_http() -> SocketAddr {
+    ([127, 0, 0, 1], 9192).into()
+}
+fn default_admin() -> SocketAddr {
+    ([127, 0, 0, 1], 9180).into()
+}
+
+impl Default for Listen {
+    fn default() -> Self {
+        Listen {
+            grpc: default_grpc(),
+            http: default_http(),
+            admin: default_admin(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSettings {
+    /// The `X-API-KEY` value. The Admin API is not served at all without one.
+    #[serde(default)]
+    pub api_key: Option<String>,
+}
+
+/// What happens to a request no route matches.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Unmatched {
+    /// 404 `{"message":"404 Route Not Found"}`, as APISIX answers.
+    #[default]
+    Deny,
+    /// Pass through untouched (identity headers are still scrubbed).
+    Allow,
+}
+
+/// A config file error, located as precisely as the parser allows.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        file: String,
+        source: std::io::Error,
+    },
+    #[error("{file}: at `{path}`: {reason}")]
+    Invalid {
+        file: String,
+        path: String,
+        reason: String,
+    },
+}
+
+impl FileConfig {
+    pub fn load(path: &Path) -> Result<(Self, String), ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: file.clone(),
+            source,
+        })?;
+        Ok((Self::parse(&text, &file)?, text))
+    }
+
+    /// Parses YAML text; `file` names the source in errors.
+    pub fn parse(text: &str, file: &str) -> Result<Self, ConfigError> {
+        let de = serde_yaml::Deserializer::from_str(text);
+        let mut config: FileConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            ConfigError::Invalid {
+                file: file.to_owned(),
+                path: if path == "." {
+                    "(top level)".into()
+                } else {
+                    path
+                },
+                reason: e.into_inner().to_string(),
+            }
+        })?;
+        if let Some(key) = &mut config.admin.api_key {
+            let mut v = Value::String(std::mem::take(key));
+            resolve_env(&mut v).map_err(|reason| ConfigError::Invalid {
+                file: file.to_owned(),
+                path: "admin.api_key".into(),
+                reason: reason.to_string(),
+            })?;
+            *key = v.as_str().unwrap_or_default().to_owned();
+            if key.is_empty() {
+                config.admin.api_key = None;
+            }
+        }
+        Ok(config)
+    }
+
+    /// The state file, relative paths taken from the config file's directory.
+    pub fn state_path(&self, config_path: Option<&Path>) -> Option<PathBuf> {
+        let dir = config_path.and_then(Path::parent).map(Path::to_path_buf);
+        match (&self.state_file, dir) {
+            (Some(p), _) if p.is_absolute() => Some(p.clone()),
+            (Some(p), Some(dir)) => Some(dir.join(p)),
+            (Some(p), None) => Some(p.clone()),
+            (None, Some(dir)) => Some(dir.join("portcullis-state.yaml")),
+            (None, None) => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum EnvError {
+    #[error("environment variable {0} is not set (referenced as $env://{0})")]
+    Unset(String),
+}
+
+/// Replaces every string of the form `$env://NAME` inside `value` with the
+/// variable's value, as APISIX's secret references do. Stored specs keep the
+/// reference, so secrets never reach the state file or Admin API answers.
+pub fn resolve_env(value: &mut Value) -> Result<(), EnvError> {
+    match value {
+        Value::String(s) => {
+            if let Some(name) = s.strip_prefix("$env://") {
+                *s = std::env::var(name).map_err(|_| EnvError::Unset(name.to_owned()))?;
+            }
+        }
+        Value::Array(items) => items.iter_mut().try_for_each(resolve_env)?,
+        Value::Object(map) => map.values_mut().try_for_each(resolve_env)?,
+        _ => {}
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_config_parses_with_no_routes_and_no_admin() {
+        let c = FileConfig::parse(DEFAULT_CONFIG, "default").unwrap();
+        assert_eq!(c.listen.grpc, default_grpc());
+        assert_eq!(c.listen.http, default_http());
+        assert!(c.admin.api_key.is_none());
+        assert!(c.routes.is_empty());
+        assert_eq!(c.unmatched, Unmatched::Deny);
+    }
+
+    #[test]
+    fn errors_name_the_path() {
+        let err =
+            FileConfig::parse("listen: { grpc: 127.0.0.1:1 }\nroutez: []\n", "p.yaml").unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.starts_with("p.yaml: at `routez`"), "{msg}");
+        assert!(msg.contains("unknown field `routez`"), "{msg}");
+        let err =
+            FileConfig::parse("routes:\n  - uri: /a\n    methodz: [GET]\n", "p.yaml").unwrap_err();
+        assert!(err.to_string().contains("routes[0]"), "{err}");
+        let err = FileConfig::parse("listen: { grpc: nope }\n", "p.yaml").unwrap_err();
+        assert!(err.to_string().contains("listen.grpc"), "{err}");
+    }
+
+    #[test]
+    fn env_references_resolve_and_missing_ones_fail() {
+        // SAFETY of the test: a name no other test uses.
+        let mut v = serde_json::json!({"a": ["$env://PORTCULLIS_TEST_UNSET_VAR"]});
+        assert_eq!(
+            resolve_env(&mut v),
+            Err(EnvError::Unset("PORTCULLIS_TEST_UNSET_VAR".into()))
+        );
+        let mut v = serde_json::json!({"a": "$env://PATH", "b": 1});
+        resolve_env(&mut v).unwrap();
+        assert_eq!(v["a"], Value::String(std::env::var("PATH").unwrap()));
+    }
+
+    #[test]
+    fn state_file_defaults_beside_the_config() {
+        let c = FileConfig::parse("{}", "x").unwrap();
+        assert_eq!(
+            c.state_path(Some(Path::new("/etc/p/c.yaml"))),
+            Some(PathBuf::from("/etc/p/portcullis-state.yaml"))
+        );
+        let c = FileConfig::parse("state_file: s.yaml", "x").unwrap();
+        assert_eq!(
+            c.state_path(Some(Path::new("/etc/p/c.yaml"))),
+            Some(PathBuf::from("/etc/p/s.yaml"))
+        );
+        assert_eq!(c.state_path(None), Some(PathBuf::from("s.yaml")));
+    }
+}

@@ -1,0 +1,105 @@
+//! Hot reload of the config file.
+//!
+//! The directory is watched rather than the file, because editors and Kubernetes
+//! ConfigMaps replace files by rename or symlink swap. Events are debounced, and a
+//! reload happens only when the content changed. A file that fails to parse or
+//! compile is logged with its location and the last good snapshot keeps serving.
+//! SIGHUP forces a reload check too.
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use notify::{RecursiveMode, Watcher};
+use tokio::sync::mpsc;
+
+use crate::config::FileConfig;
+use crate::store::Store;
+
+pub struct ConfigWatcher {
+    _watcher: notify::RecommendedWatcher,
+}
+
+/// Starts watching `path`; `loaded` is the text the store was built from.
+pub fn spawn(path: PathBuf, loaded: String, store: Arc<Store>) -> notify::Result<ConfigWatcher> {
+    let (tx, mut rx) = mpsc::unbounded_channel::<()>();
+    let name = path.file_name().map(|n| n.to_owned());
+    let event_tx = tx.clone();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if let Ok(event) = event
+            && event
+                .paths
+                .iter()
+                .any(|p| name.is_none() || p.file_name() == name.as_deref() || is_k8s_swap(p))
+        {
+            let _ = event_tx.send(());
+        }
+    })?;
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .to_path_buf();
+    watcher.watch(&dir, RecursiveMode::NonRecursive)?;
+
+    #[cfg(unix)]
+    {
+        let hup_tx = tx;
+        tokio::spawn(async move {
+            if let Ok(mut hup) =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            {
+                while hup.recv().await.is_some() {
+                    let _ = hup_tx.send(());
+                }
+            }
+        });
+    }
+
+    tokio::spawn(async move {
+        let mut current = loaded;
+        while rx.recv().await.is_some() {
+            // Debounce: editors write in several steps.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            while rx.try_recv().is_ok() {}
+            let text = match std::fs::read_to_string(&path) {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::warn!(file = %path.display(), error = %e, "config file unreadable; keeping the last good configuration");
+                    continue;
+                }
+            };
+            if text == current {
+                continue;
+            }
+            let file = path.display().to_string();
+            let result = match FileConfig::parse(&text, &file) {
+                Ok(config) => store
+                    .reload_file(&config, &file)
+                    .await
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match result {
+                Ok(()) => {
+                    tracing::info!(file = %file, "configuration reloaded");
+                    metrics::counter!("portcullis_config_reloads_total", "result" => "ok")
+                        .increment(1);
+                }
+                Err(error) => {
+                    tracing::error!(%error, "configuration rejected; keeping the last good configuration");
+                    metrics::counter!("portcullis_config_reloads_total", "result" => "error")
+                        .increment(1);
+                }
+            }
+            current = text;
+        }
+    });
+    Ok(ConfigWatcher { _watcher: watcher })
+}
+
+/// Kubernetes updates a mounted ConfigMap by swapping the `..data` symlink.
+fn is_k8s_swap(p: &Path) -> bool {
+    p.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with("..data"))
+}
