@@ -42,7 +42,10 @@ pub fn router(state: AdminState) -> Router {
                 .patch(patch_consumer)
                 .delete(delete_consumer),
         )
-        .route("/consumers/{username}/credentials", get(list_credentials))
+        .route(
+            "/consumers/{username}/credentials",
+            get(list_credentials).put(put_credential_body),
+        )
         .route(
             "/consumers/{username}/credentials/{id}",
             get(get_credential)
@@ -382,19 +385,37 @@ async fn get_credential(
     get_one(&s.store, ResourceId::Credential(u, id)).await
 }
 
-async fn put_credential(
-    State(s): State<AdminState>,
-    Path((u, id)): Path<(String, String)>,
+async fn put_credential_with(
+    s: &AdminState,
+    u: String,
+    path_id: Option<&str>,
     body: Bytes,
 ) -> Response {
     let mut body = match body_json(&body) {
         Ok(v) => v,
         Err(r) => return r.into_response(),
     };
-    match id_from(Some(&id), &mut body, "id") {
+    match id_from(path_id, &mut body, "id") {
         Ok(id) => put(&s.store, ResourceId::Credential(u, id), body).await,
         Err(r) => r.into_response(),
     }
+}
+
+async fn put_credential(
+    State(s): State<AdminState>,
+    Path((u, id)): Path<(String, String)>,
+    body: Bytes,
+) -> Response {
+    put_credential_with(&s, u, Some(&id), body).await
+}
+
+/// `PUT /consumers/{username}/credentials` with the id in the body.
+async fn put_credential_body(
+    State(s): State<AdminState>,
+    Path(u): Path<String>,
+    body: Bytes,
+) -> Response {
+    put_credential_with(&s, u, None, body).await
 }
 
 async fn patch_credential(

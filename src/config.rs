@@ -28,6 +28,8 @@ pub struct FileConfig {
     #[serde(default)]
     pub unmatched: Unmatched,
     #[serde(default)]
+    pub auth_request: AuthRequestSettings,
+    #[serde(default)]
     pub routes: Vec<RouteSpec>,
     #[serde(default)]
     pub consumers: Vec<ConsumerEntry>,
@@ -70,6 +72,28 @@ pub struct AdminSettings {
     /// The `X-API-KEY` value. The Admin API is not served at all without one.
     #[serde(default)]
     pub api_key: Option<String>,
+}
+
+/// The HTTP auth_request/forwardAuth front on `listen.http`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthRequestSettings {
+    /// nginx and Traefik call this path; Envoy's HTTP ext_authz appends the original
+    /// path to it (`path_prefix`).
+    #[serde(default = "default_auth_path")]
+    pub path: String,
+}
+
+fn default_auth_path() -> String {
+    "/auth".into()
+}
+
+impl Default for AuthRequestSettings {
+    fn default() -> Self {
+        AuthRequestSettings {
+            path: default_auth_path(),
+        }
+    }
 }
 
 /// What happens to a request no route matches.

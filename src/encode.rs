@@ -40,7 +40,11 @@ fn header(name: &str, value: String, append: bool) -> HeaderValueOption {
             value,
             ..Default::default()
         }),
-        append: Some(BoolValue { value: append }),
+        // `append: false` pins overwrite on versions that read the deprecated field.
+        // For appends it stays unset: Envoy files a denied-response header with
+        // `append: true` under "append only if already present", which silently
+        // drops the first Set-Cookie of a login redirect.
+        append: (!append).then_some(BoolValue { value: false }),
         append_action: if append {
             HeaderAppendAction::AppendIfExistsOrAdd
         } else {

@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod auth_request;
 pub mod config;
 pub mod decision;
 pub mod encode;

@@ -83,7 +83,7 @@ pub async fn serve(opts: Options) -> Result<(), ServeError> {
     };
 
     // gRPC: ext_authz, health, reflection.
-    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    let (mut health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
         .set_service_status(SERVICE_NAME, ServingStatus::Serving)
         .await;
@@ -99,29 +99,34 @@ pub async fn serve(opts: Options) -> Result<(), ServeError> {
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
     let grpc_listener = bind("grpc", config.listen.grpc).await?;
+    // tonic ignores `Server::tcp_nodelay` for a caller-supplied listener: set
+    // TCP_NODELAY on each accepted socket here, or Nagle holds the trailers frame of
+    // a Check until the peer's delayed ACK (~40 ms stalls; see docs/benchmarks.md).
+    let grpc_incoming =
+        tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
     let grpc = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .http2_adaptive_window(Some(true))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_alpha)
         .add_service(AuthService::server(runtime.clone()))
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
-            stopped(stop_rx.clone()),
-        );
+        .serve_with_incoming_shutdown(grpc_incoming, stopped(stop_rx.clone()));
     let grpc = tokio::spawn(grpc);
 
-    // HTTP: health, readiness, metrics.
+    // HTTP: health, readiness, metrics, auth_request.
     let http_listener = bind("http", config.listen.http).await?;
     let http_app = http::router(http::HttpState {
         runtime: runtime.clone(),
         metrics: metrics_handle,
+        auth_path: config.auth_request.path.as_str().into(),
     });
     let http = tokio::spawn(
-        axum::serve(http_listener, http_app)
-            .with_graceful_shutdown(stopped(stop_rx.clone()))
-            .into_future(),
+        axum::serve(
+            http_listener,
+            http_app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(stopped(stop_rx.clone()))
+        .into_future(),
     );
 
     // Admin API, only with a key.
@@ -154,12 +159,18 @@ pub async fn serve(opts: Options) -> Result<(), ServeError> {
     shutdown_signal().await;
     tracing::info!("shutting down: draining in-flight Checks");
     runtime.start_draining();
-    health_reporter
-        .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
-        .await;
-    health_reporter
-        .set_service_status("", ServingStatus::NotServing)
-        .await;
+    for service in [SERVICE_NAME, ""] {
+        health_reporter
+            .set_service_status(service, ServingStatus::NotServing)
+            .await;
+    }
+    // Watch streams end only when their status is cleared; an open one (client-side
+    // health checking) would otherwise hold the graceful shutdown for the whole drain
+    // timeout. Watchers have just been told NOT_SERVING.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    for service in [SERVICE_NAME, ""] {
+        health_reporter.clear_service_status(service).await;
+    }
     let _ = stop_tx.send(true);
     let drain = async {
         let _ = grpc.await;

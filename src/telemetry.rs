@@ -3,7 +3,13 @@
 //! One log line per denied Check names the route, the plugin and the reason — never
 //! a token, cookie or secret: reasons are fixed strings chosen by plugins, and
 //! request headers are not logged at all.
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
+
+use metrics::{Counter, Histogram};
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::EnvFilter;
@@ -37,15 +43,17 @@ pub fn init_metrics() -> PrometheusHandle {
     let builder = PrometheusBuilder::new()
         .set_buckets(&buckets)
         .expect("static, non-empty buckets");
-    match builder.install_recorder() {
+    let handle = match builder.install_recorder() {
         Ok(handle) => handle,
         // A recorder is already installed (tests start several servers in one process).
         Err(_) => PrometheusBuilder::new().build_recorder().handle(),
-    }
+    };
+    RECORDER_READY.store(true, Ordering::Relaxed);
+    handle
 }
 
 pub fn record_decision(front: &'static str, verdict: &Verdict, took: Duration) {
-    let route = verdict.route_id.as_deref().unwrap_or("").to_owned();
+    let route = verdict.route_id.as_deref().unwrap_or("");
     let plugin = verdict.plugin.unwrap_or("");
     let decision = match &verdict.decision {
         Decision::Allow(_) => "allow",
@@ -61,6 +69,52 @@ pub fn record_decision(front: &'static str, verdict: &Verdict, took: Duration) {
             "deny"
         }
     };
-    metrics::counter!("portcullis_checks_total", "front" => front, "route" => route.clone(), "plugin" => plugin, "decision" => decision).increment(1);
-    metrics::histogram!("portcullis_check_duration_seconds", "front" => front, "route" => route, "decision" => decision).record(took.as_secs_f64());
+    let labels = (front, verdict.route_id.clone(), plugin, decision);
+    let (checks, duration) = handles(labels);
+    checks.increment(1);
+    duration.record(took.as_secs_f64());
+}
+
+/// The label set of one Check's metrics: front, route, plugin, decision.
+type Labels = (&'static str, Option<Arc<str>>, &'static str, &'static str);
+
+/// Set once the process-wide recorder is in place: handles taken before that would
+/// be no-ops, so they are only cached afterwards.
+static RECORDER_READY: AtomicBool = AtomicBool::new(false);
+
+/// More label sets than this (route churn) and a thread's cache starts over.
+const MAX_CACHED_LABEL_SETS: usize = 4096;
+
+thread_local! {
+    static HANDLES: RefCell<HashMap<Labels, (Counter, Histogram)>> = RefCell::new(HashMap::new());
+}
+
+/// The counter and histogram for a label set. `counter!`/`histogram!` with labels
+/// build a `Key` (allocating the route label) and look it up in the recorder's
+/// registry on every call — about two thirds of the in-process cost of a no-plugin
+/// Check (docs/benchmarks.md); a per-thread cache of the handles makes it a hash
+/// lookup.
+fn handles(labels: Labels) -> (Counter, Histogram) {
+    let make = |(front, route, plugin, decision): &Labels| {
+        let route = route.as_deref().unwrap_or("").to_owned();
+        (
+            metrics::counter!("portcullis_checks_total", "front" => *front, "route" => route.clone(), "plugin" => *plugin, "decision" => *decision),
+            metrics::histogram!("portcullis_check_duration_seconds", "front" => *front, "route" => route, "decision" => *decision),
+        )
+    };
+    if !RECORDER_READY.load(Ordering::Relaxed) {
+        return make(&labels);
+    }
+    HANDLES.with(|cache| {
+        let mut cache = cache.borrow_mut();
+        if let Some(h) = cache.get(&labels) {
+            return h.clone();
+        }
+        if cache.len() >= MAX_CACHED_LABEL_SETS {
+            cache.clear();
+        }
+        let h = make(&labels);
+        cache.insert(labels, h.clone());
+        h
+    })
 }

@@ -72,7 +72,12 @@ pub fn spawn(path: PathBuf, loaded: String, store: Arc<Store>) -> notify::Result
                 continue;
             }
             let file = path.display().to_string();
+            // An empty file is what a reader sees mid-way through a truncate-and-write:
+            // never take it for "no routes".
             let result = match FileConfig::parse(&text, &file) {
+                _ if text.trim().is_empty() => Err(format!(
+                    "{file}: the file is empty (write `routes: []` to remove every route)"
+                )),
                 Ok(config) => store
                     .reload_file(&config, &file)
                     .await

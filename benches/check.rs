@@ -1,0 +1,245 @@
+//! One Check end to end, as the gRPC front runs it minus the transport: decode the
+//! protobuf bytes → `Runtime::check` (route match, plugins, decision) → encode the
+//! CheckResponse. Snapshots are built through the public config path
+//! (`FileConfig::parse` → `Store::open`), with the Prometheus recorder installed as
+//! `portcullis serve` does, so metric recording is part of every measured Check.
+//!
+//! `cargo bench --bench check` runs all rows; `cargo bench --bench check -- route`
+//! filters them.
+use std::sync::Arc;
+
+use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use envoy_types::pb::envoy::service::auth::v3::CheckRequest;
+use envoy_types::pb::google::rpc::Code;
+use portcullis::config::FileConfig;
+use portcullis::runtime::Runtime;
+use portcullis::store::Store;
+use prost::Message;
+
+mod support;
+
+/// A runtime serving the snapshot compiled from `yaml`, through the public API.
+fn runtime_from(yaml: &str) -> Arc<Runtime> {
+    let config = FileConfig::parse(yaml, "bench.yaml").expect("bench config parses");
+    let runtime = Arc::new(Runtime::default());
+    // The store publishes into the runtime; the runtime keeps what it published.
+    Store::open(runtime.clone(), &config, "bench.yaml", None).expect("bench config compiles");
+    runtime
+}
+
+fn tokio() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+/// Decode → check → encode, as one measured iteration. Asserts the expected
+/// outcome once first, so a row can never silently measure a denial.
+fn bench_check(
+    c: &mut Criterion,
+    group: &str,
+    id: &str,
+    runtime: &Runtime,
+    msg: &CheckRequest,
+    expect: Code,
+) {
+    let rt = tokio();
+    let bytes = msg.encode_to_vec();
+    let once = rt.block_on(runtime.check(msg));
+    let code = once.status.as_ref().map_or(0, |s| s.code);
+    assert_eq!(
+        code, expect as i32,
+        "{group}/{id}: unexpected decision {once:?}"
+    );
+    c.benchmark_group(group)
+        .bench_function(BenchmarkId::from_parameter(id), |b| {
+            b.to_async(&rt).iter(|| async {
+                let req = CheckRequest::decode(bytes.as_slice()).expect("valid CheckRequest");
+                runtime.check(&req).await.encode_to_vec()
+            })
+        });
+}
+
+fn routes_yaml(n: usize) -> String {
+    let mut y = String::from("routes:\n");
+    for i in 0..n {
+        y.push_str(&format!(
+            "  - {{ id: r{i}, uri: \"/svc{i}/*\", methods: [GET, POST] }}\n"
+        ));
+    }
+    y
+}
+
+fn no_plugin_route(c: &mut Criterion) {
+    let runtime = runtime_from("routes:\n  - { id: open, uri: \"/bench/*\" }\n");
+    let msg = support::check_request("/bench/item?x=1", &[]);
+    bench_check(c, "check", "no-plugin route", &runtime, &msg, Code::Ok);
+}
+
+fn route_matching(c: &mut Criterion) {
+    for n in [10usize, 1_000, 10_000] {
+        let runtime = runtime_from(&routes_yaml(n));
+        // The last route: no index position is cheaper than another's.
+        let msg = support::check_request(&format!("/svc{}/items/42", n - 1), &[]);
+        bench_check(
+            c,
+            "route matching",
+            &format!("{n} routes"),
+            &runtime,
+            &msg,
+            Code::Ok,
+        );
+    }
+}
+
+const FAR_FUTURE: u64 = 4_102_444_800; // 2100-01-01
+
+fn sign(alg: jsonwebtoken::Algorithm, key: &jsonwebtoken::EncodingKey, user_key: &str) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(alg),
+        &serde_json::json!({ "key": user_key, "exp": FAR_FUTURE }),
+        key,
+    )
+    .expect("sign bench token")
+}
+
+/// Indents a PEM block for a YAML `|` scalar.
+fn yaml_block(pem: &str, indent: usize) -> String {
+    pem.lines()
+        .map(|l| format!("{}{l}\n", " ".repeat(indent)))
+        .collect()
+}
+
+fn jwt_auth(c: &mut Criterion) {
+    use jsonwebtoken::{Algorithm, EncodingKey};
+    use p256::pkcs8::{EncodePrivateKey, EncodePublicKey, LineEnding};
+    use rsa::pkcs1::EncodeRsaPrivateKey;
+
+    let hs_secret = "bench-secret-0123456789abcdef0123456789";
+    let rsa = rsa::RsaPrivateKey::new(&mut rsa::rand_core::OsRng, 2048).expect("RSA key");
+    let rsa_public = rsa
+        .to_public_key()
+        .to_public_key_pem(LineEnding::LF)
+        .expect("RSA public PEM");
+    let rsa_private = rsa.to_pkcs1_pem(LineEnding::LF).expect("RSA private PEM");
+    let ec = p256::SecretKey::random(&mut rsa::rand_core::OsRng);
+    let ec_public = ec
+        .public_key()
+        .to_public_key_pem(LineEnding::LF)
+        .expect("EC public PEM");
+    let ec_private = ec.to_pkcs8_pem(LineEnding::LF).expect("EC private PEM");
+
+    let yaml = format!(
+        "routes:\n  - {{ id: jwt, uri: \"/jwt/*\", plugins: {{ jwt-auth: {{}} }} }}\n\
+         consumers:\n\
+         \x20 - username: hs\n    credentials: [ {{ id: c, plugins: {{ jwt-auth: {{ key: hs, secret: {hs_secret} }} }} }} ]\n\
+         \x20 - username: rs\n    credentials:\n      - id: c\n        plugins:\n          jwt-auth:\n            key: rs\n            algorithm: RS256\n            public_key: |\n{}\
+         \x20 - username: es\n    credentials:\n      - id: c\n        plugins:\n          jwt-auth:\n            key: es\n            algorithm: ES256\n            public_key: |\n{}",
+        yaml_block(&rsa_public, 14),
+        yaml_block(&ec_public, 14),
+    );
+    let runtime = runtime_from(&yaml);
+    let tokens = [
+        (
+            "HS256",
+            sign(
+                Algorithm::HS256,
+                &EncodingKey::from_secret(hs_secret.as_bytes()),
+                "hs",
+            ),
+        ),
+        (
+            "RS256",
+            sign(
+                Algorithm::RS256,
+                &EncodingKey::from_rsa_pem(rsa_private.as_bytes()).expect("RSA PEM"),
+                "rs",
+            ),
+        ),
+        (
+            "ES256",
+            sign(
+                Algorithm::ES256,
+                &EncodingKey::from_ec_pem(ec_private.as_bytes()).expect("EC PEM"),
+                "es",
+            ),
+        ),
+    ];
+    for (alg, token) in &tokens {
+        let msg = support::check_request(
+            "/jwt/item",
+            &[("authorization", &format!("Bearer {token}"))],
+        );
+        bench_check(c, "jwt-auth", alg, &runtime, &msg, Code::Ok);
+    }
+}
+
+/// 100k consumers, one jwt-auth credential each: the credential index lookup on its
+/// own, and a whole HS256 Check against that snapshot.
+fn credential_lookup(c: &mut Criterion) {
+    const N: usize = 100_000;
+    let mut yaml = String::from(
+        "routes:\n  - { id: jwt, uri: \"/jwt/*\", plugins: { jwt-auth: {} } }\nconsumers:\n",
+    );
+    for i in 0..N {
+        yaml.push_str(&format!(
+            "  - {{ username: user{i}, credentials: [ {{ id: c, plugins: {{ jwt-auth: {{ key: key{i}, secret: secret-{i}-0123456789abcdef }} }} }} ] }}\n"
+        ));
+    }
+    let runtime = runtime_from(&yaml);
+    let wanted = format!("key{}", N / 2);
+    let snapshot = runtime.snapshot();
+    assert!(snapshot.consumers.credential("jwt-auth", &wanted).is_some());
+    c.benchmark_group("credential lookup").bench_function(
+        BenchmarkId::from_parameter("100k consumers"),
+        |b| {
+            b.iter(|| {
+                snapshot
+                    .consumers
+                    .credential("jwt-auth", std::hint::black_box(&wanted))
+            })
+        },
+    );
+    let secret = format!("secret-{}-0123456789abcdef", N / 2);
+    let token = sign(
+        jsonwebtoken::Algorithm::HS256,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+        &wanted,
+    );
+    let msg = support::check_request(
+        "/jwt/item",
+        &[("authorization", &format!("Bearer {token}"))],
+    );
+    bench_check(
+        c,
+        "jwt-auth",
+        "HS256, 100k consumers",
+        &runtime,
+        &msg,
+        Code::Ok,
+    );
+}
+
+fn setup() {
+    // As `portcullis serve`: the Prometheus recorder receives every Check's metrics.
+    let _ = portcullis::telemetry::init_metrics();
+}
+
+fn all(c: &mut Criterion) {
+    setup();
+    no_plugin_route(c);
+    route_matching(c);
+    jwt_auth(c);
+    credential_lookup(c);
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .sample_size(50)
+        .warm_up_time(std::time::Duration::from_secs(1))
+        .measurement_time(std::time::Duration::from_secs(3));
+    targets = all
+}
+criterion_main!(benches);

@@ -1,0 +1,81 @@
+#!/usr/bin/env python3
+"""Derives the load benchmark's Envoy config from the shipped envoy/envoy.yaml.
+
+    envoy_config.py SHIPPED.yaml OUT.yaml ADMIN UPSTREAM GRPC PLAIN JWTN AUTHZ HS_JWKS
+
+Three listeners that differ only in their HTTP filters, so the rows compare the
+auth step and nothing else:
+  ext_authz  the shipped `front` listener as is (ext_authz → portcullis);
+  plain      the same listener without ext_authz (Envoy, no auth);
+  jwt_authn  the same listener with Envoy's native jwt_authn (HS256, inline JWKS)
+             in place of ext_authz.
+Clusters (upstream, portcullis with the shipped HTTP/2 settings) are kept; only
+ports change.
+"""
+import copy
+import sys
+
+import yaml
+
+
+def set_port(sockaddr_holder, port):
+    sockaddr_holder["socket_address"]["port_value"] = int(port)
+
+
+def main(argv):
+    shipped, out, admin, upstream, grpc, plain, jwtn, authz, hs_jwks = argv[1:10]
+    cfg = yaml.safe_load(open(shipped))
+    set_port(cfg["admin"]["address"], admin)
+    for cluster in cfg["static_resources"]["clusters"]:
+        port = {"upstream": upstream, "portcullis": grpc}[cluster["name"]]
+        for ep in cluster["load_assignment"]["endpoints"]:
+            for lb in ep["lb_endpoints"]:
+                set_port(lb["endpoint"]["address"], port)
+
+    (front,) = [l for l in cfg["static_resources"]["listeners"] if l["name"] == "front"]
+
+    def variant(name, port, replace_authz):
+        lst = copy.deepcopy(front)
+        lst["name"] = name
+        set_port(lst["address"], port)
+        for chain in lst["filter_chains"]:
+            for f in chain["filters"]:
+                hcm = f["typed_config"]
+                hcm["stat_prefix"] = name
+                filters = []
+                for hf in hcm["http_filters"]:
+                    if hf["name"] == "envoy.filters.http.ext_authz":
+                        filters.extend(replace_authz)
+                    else:
+                        filters.append(hf)
+                hcm["http_filters"] = filters
+        return lst
+
+    jwt_authn = {
+        "name": "envoy.filters.http.jwt_authn",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
+            "providers": {
+                "bench": {
+                    "issuer": "bench",
+                    "forward": True,
+                    "local_jwks": {"inline_string": hs_jwks},
+                }
+            },
+            "rules": [{"match": {"prefix": "/"}, "requires": {"provider_name": "bench"}}],
+        },
+    }
+    authz_listener = copy.deepcopy(front)
+    authz_listener["name"] = "ext_authz"
+    set_port(authz_listener["address"], authz)
+    cfg["static_resources"]["listeners"] = [
+        variant("plain", plain, []),
+        variant("jwt_authn", jwtn, [jwt_authn]),
+        authz_listener,
+    ]
+    with open(out, "w") as f:
+        yaml.safe_dump(cfg, f, sort_keys=False)
+
+
+if __name__ == "__main__":
+    main(sys.argv)

@@ -1,0 +1,417 @@
+#!/usr/bin/env bash
+# Load benchmark: Envoy with and without ext_authz (portcullis), next to Envoy's own
+# in-process jwt_authn, and portcullis's gRPC Check on its own — in one run, on one
+# machine, so the ratios are comparable. See docs/benchmarks.md.
+#
+#   benches/load.sh [--runs N] [--duration SECONDS] [--connections N] [--threads N]
+#                   [--concurrency N] [--portcullis PATH] [--smoke] [--keep]
+#
+# Starts, all on 127.0.0.1 with free ports: Debian's nginx (the upstream, a small
+# body; also the JWKS/discovery documents and the forward-auth service), portcullis
+# (release build unless --portcullis is given), and Envoy 1.40 running the shipped
+# envoy/envoy.yaml as three listeners that differ only in their auth filter: none, Envoy's native jwt_authn (HS256, inline local JWKS), and ext_authz
+# calling portcullis. wrk drives the listeners; h2load drives portcullis's gRPC Check
+# directly (content-type application/grpc, te: trailers, a length-prefixed
+# CheckRequest). Rows run interleaved (row 1..k, then again) and the table quotes the
+# median of --runs runs for req/s, p50 and p99. Rows whose plugin this portcullis
+# build does not support are skipped with a note. Exits non-zero if any row that ran
+# produced no numbers or any non-2xx answer.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+RUNS=3
+DURATION=10
+CONNECTIONS=32
+THREADS=1
+CONCURRENCY=$(nproc)
+PORTCULLIS=""
+KEEP=0
+SMOKE=0
+
+usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --runs) RUNS=$2; shift 2 ;;
+    --duration) DURATION=$2; shift 2 ;;
+    --connections) CONNECTIONS=$2; shift 2 ;;
+    --threads) THREADS=$2; shift 2 ;;
+    --concurrency) CONCURRENCY=$2; shift 2 ;;
+    --portcullis) PORTCULLIS=$2; shift 2 ;;
+    --keep) KEEP=1; shift ;;
+    --smoke) SMOKE=1; shift ;;
+    -h|--help) usage 0 ;;
+    *) echo "unknown argument: $1" >&2; usage 2 ;;
+  esac
+done
+if [ "$SMOKE" = 1 ]; then RUNS=1; DURATION=2; CONNECTIONS=4; fi
+
+for tool in envoy wrk h2load openssl python3 curl; do
+  command -v "$tool" >/dev/null || { echo "load.sh needs $tool on PATH" >&2; exit 1; }
+done
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+[ -x "$NGINX" ] || { echo "load.sh needs nginx (Debian package nginx)" >&2; exit 1; }
+
+if [ -z "$PORTCULLIS" ]; then
+  echo "building portcullis (release)…" >&2
+  (cd "$ROOT" && cargo build --release --quiet --bin portcullis)
+  PORTCULLIS="${CARGO_TARGET_DIR:-$ROOT/target}/release/portcullis"
+fi
+
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/portcullis-load.XXXXXX")
+PIDS=()
+cleanup() {
+  local pid
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+  if [ "$KEEP" = 1 ]; then echo "kept $WORK" >&2; else rm -rf "$WORK"; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+wait_http() { # url, what
+  local i
+  for i in $(seq 1 200); do
+    curl -fs -o /dev/null "$1" && return 0
+    sleep 0.05
+  done
+  echo "$2 did not come up ($1); logs in $WORK" >&2
+  [ "$KEEP" = 1 ] || tail -n 20 "$WORK"/*.log >&2 || true
+  exit 1
+}
+
+UP_PORT=$(free_port); AUTH_PORT=$(free_port); GRPC_PORT=$(free_port); HTTP_PORT=$(free_port)
+ADMIN_PORT=$(free_port); ENVOY_ADMIN=$(free_port)
+PLAIN_PORT=$(free_port); JWTN_PORT=$(free_port); AUTHZ_PORT=$(free_port)
+ISSUER="http://127.0.0.1:$UP_PORT"
+
+# --- keys and tokens (openssl; nothing random is reused across runs) -------------
+b64url() { openssl base64 -A | tr '+/' '-_' | tr -d '='; }
+HS_SECRET=$(openssl rand -hex 24)
+openssl genrsa -out "$WORK/rs.pem" 2048 2>/dev/null
+openssl rsa -in "$WORK/rs.pem" -pubout -out "$WORK/rs.pub.pem" 2>/dev/null
+RS_N=$(openssl rsa -in "$WORK/rs.pem" -noout -modulus 2>/dev/null | cut -d= -f2 | xxd -r -p | b64url)
+EXP=4102444800 # 2100-01-01
+jwt() { # alg, payload-json, [kid]
+  local header signing sig
+  if [ -n "${3:-}" ]; then header="{\"alg\":\"$1\",\"typ\":\"JWT\",\"kid\":\"$3\"}"
+  else header="{\"alg\":\"$1\",\"typ\":\"JWT\"}"; fi
+  signing="$(printf '%s' "$header" | b64url).$(printf '%s' "$2" | b64url)"
+  case "$1" in
+    HS256) sig=$(printf '%s' "$signing" | openssl dgst -sha256 -hmac "$HS_SECRET" -binary | b64url) ;;
+    RS256) sig=$(printf '%s' "$signing" | openssl dgst -sha256 -sign "$WORK/rs.pem" -binary | b64url) ;;
+  esac
+  printf '%s.%s' "$signing" "$sig"
+}
+HS_TOKEN=$(jwt HS256 "{\"key\":\"bench-hs\",\"iss\":\"bench\",\"sub\":\"bench\",\"exp\":$EXP}")
+RS_TOKEN=$(jwt RS256 "{\"key\":\"bench-rs\",\"iss\":\"$ISSUER\",\"aud\":\"bench\",\"sub\":\"bench\",\"exp\":$EXP}" bench-rs)
+HS_JWKS="{\"keys\":[{\"kty\":\"oct\",\"alg\":\"HS256\",\"k\":\"$(printf '%s' "$HS_SECRET" | b64url)\"}]}"
+
+# --- nginx: upstream, OIDC documents, forward-auth service ---------------------
+mkdir -p "$WORK/www/.well-known" "$WORK/nginx-tmp"
+printf '{"keys":[{"kty":"RSA","alg":"RS256","use":"sig","kid":"bench-rs","n":"%s","e":"AQAB"}]}\n' "$RS_N" >"$WORK/www/jwks.json"
+cat >"$WORK/www/.well-known/openid-configuration" <<EOF
+{"issuer":"$ISSUER","authorization_endpoint":"$ISSUER/authorize","token_endpoint":"$ISSUER/token",
+ "jwks_uri":"$ISSUER/jwks.json","response_types_supported":["code"],"subject_types_supported":["public"],
+ "id_token_signing_alg_values_supported":["RS256"]}
+EOF
+cat >"$WORK/nginx.conf" <<EOF
+daemon off;
+worker_processes 1;
+pid $WORK/nginx.pid;
+error_log $WORK/nginx.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $WORK/nginx-tmp/body;
+  proxy_temp_path $WORK/nginx-tmp/proxy;
+  fastcgi_temp_path $WORK/nginx-tmp/fastcgi;
+  uwsgi_temp_path $WORK/nginx-tmp/uwsgi;
+  scgi_temp_path $WORK/nginx-tmp/scgi;
+  keepalive_requests 1000000;
+  server {
+    listen 127.0.0.1:$UP_PORT;
+    location = /jwks.json { root $WORK/www; default_type application/json; }
+    location = /.well-known/openid-configuration { root $WORK/www; default_type application/json; }
+    location / { default_type text/plain; return 200 "hello from upstream\n"; }
+  }
+  server {
+    listen 127.0.0.1:$AUTH_PORT;
+    location / { add_header X-User-Id bench always; return 200; }
+  }
+}
+EOF
+"$NGINX" -e "$WORK/nginx.log" -p "$WORK" -c "$WORK/nginx.conf" &
+PIDS+=($!)
+
+# --- portcullis: one route per row; plugin routes only if this build has them ---
+route_yaml() { # row id → route (and consumer) YAML lines, empty if none
+  case "$1" in
+    noplugin) echo '  - { id: open, uri: "/open/*" }' ;;
+    jwt-hs) echo '  - { id: jwt-hs, uri: "/jwt-hs/*", plugins: { jwt-auth: {} } }' ;;
+    jwt-rs) echo '  - { id: jwt-rs, uri: "/jwt-rs/*", plugins: { jwt-auth: {} } }' ;;
+    oidc) cat <<EOF
+  - id: oidc
+    uri: "/oidc/*"
+    plugins:
+      openid-connect:
+        client_id: bench
+        client_secret: bench-secret
+        discovery: $ISSUER/.well-known/openid-configuration
+        bearer_only: true
+        use_jwks: true
+EOF
+    ;;
+    fwd) cat <<EOF
+  - id: fwd
+    uri: "/fwd/*"
+    plugins:
+      forward-auth:
+        uri: http://127.0.0.1:$AUTH_PORT/auth
+        request_headers: [authorization]
+        upstream_headers: [x-user-id]
+EOF
+    ;;
+    fwd-cache) cat <<EOF
+  - id: fwd-cache
+    uri: "/fwd-cache/*"
+    plugins:
+      forward-auth:
+        uri: http://127.0.0.1:$AUTH_PORT/auth
+        request_headers: [authorization]
+        upstream_headers: [x-user-id]
+        cache: { ttl: 60 }
+EOF
+    ;;
+  esac
+}
+consumers_yaml() {
+  cat <<EOF
+consumers:
+  - username: bench_hs
+    credentials:
+      - { id: hs, plugins: { jwt-auth: { key: bench-hs, secret: "$HS_SECRET", algorithm: HS256 } } }
+  - username: bench_rs
+    credentials:
+      - id: rs
+        plugins:
+          jwt-auth:
+            key: bench-rs
+            algorithm: RS256
+            public_key: |
+$(sed 's/^/              /' "$WORK/rs.pub.pem")
+EOF
+}
+header_yaml() {
+  cat <<EOF
+listen: { grpc: "127.0.0.1:$GRPC_PORT", http: "127.0.0.1:$HTTP_PORT", admin: "127.0.0.1:$ADMIN_PORT" }
+state_file: $WORK/state.yaml
+EOF
+}
+NEEDS_CONSUMERS="jwt-hs jwt-rs"
+PC_ROWS=(noplugin jwt-hs jwt-rs oidc fwd fwd-cache)
+declare -A SKIP=()
+ENABLED=()
+for r in "${PC_ROWS[@]}"; do
+  {
+    header_yaml
+    echo "routes:"
+    route_yaml "$r"
+    case " $NEEDS_CONSUMERS " in *" $r "*) consumers_yaml ;; esac
+  } >"$WORK/probe-$r.yaml"
+  if out=$("$PORTCULLIS" validate --config "$WORK/probe-$r.yaml" 2>&1); then
+    ENABLED+=("$r")
+  else
+    SKIP[$r]=$(printf '%s' "$out" | tr '\n' ' ' | sed 's/.*err: //' | cut -c1-120)
+  fi
+done
+{
+  header_yaml
+  echo "routes:"
+  for r in "${ENABLED[@]}"; do route_yaml "$r"; done
+  for r in "${ENABLED[@]}"; do
+    case " $NEEDS_CONSUMERS " in *" $r "*) consumers_yaml; break ;; esac
+  done
+} >"$WORK/portcullis.yaml"
+RUST_LOG=warn "$PORTCULLIS" serve --config "$WORK/portcullis.yaml" >"$WORK/portcullis.log" 2>&1 &
+PIDS+=($!)
+
+# --- Envoy: the shipped envoy/envoy.yaml, as three listeners ----------------------
+python3 "$ROOT/benches/envoy_config.py" "$ROOT/envoy/envoy.yaml" "$WORK/envoy.yaml" \
+  "$ENVOY_ADMIN" "$UP_PORT" "$GRPC_PORT" "$PLAIN_PORT" "$JWTN_PORT" "$AUTHZ_PORT" "$HS_JWKS"
+envoy -c "$WORK/envoy.yaml" --concurrency "$CONCURRENCY" --base-id "$((ENVOY_ADMIN % 60000))" \
+  -l warn >"$WORK/envoy.log" 2>&1 &
+PIDS+=($!)
+
+wait_http "http://127.0.0.1:$UP_PORT/" nginx
+wait_http "http://127.0.0.1:$HTTP_PORT/readyz" portcullis
+wait_http "http://127.0.0.1:$ENVOY_ADMIN/ready" Envoy
+
+# --- rows ----------------------------------------------------------------------
+# id | tool | target | header | baseline | label
+ROWS=()
+add() { ROWS+=("$1|$2|$3|$4|$5|$6"); }
+label_of() {
+  case "$1" in
+    noplugin) echo "no-plugin route" ;; jwt-hs) echo "jwt-auth HS256" ;; jwt-rs) echo "jwt-auth RS256" ;;
+    oidc) echo "openid-connect bearer (JWKS)" ;; fwd) echo "forward-auth" ;; fwd-cache) echo "forward-auth + decision cache" ;;
+  esac
+}
+auth_of() {
+  case "$1" in
+    jwt-hs) echo "authorization: Bearer $HS_TOKEN" ;; jwt-rs|oidc) echo "authorization: Bearer $RS_TOKEN" ;;
+    fwd|fwd-cache) echo "authorization: Bearer opaque-bench-token" ;; *) echo "" ;;
+  esac
+}
+path_of() { case "$1" in noplugin) echo /open/item ;; *) echo "/$1/item" ;; esac; }
+add envoy wrk "http://127.0.0.1:$PLAIN_PORT/open/item" "" envoy "Envoy, no auth"
+add jwtn wrk "http://127.0.0.1:$JWTN_PORT/open/item" "authorization: Bearer $HS_TOKEN" envoy "Envoy jwt_authn HS256 (in-process)"
+for r in "${ENABLED[@]}"; do
+  base=pc-noplugin; [ "$r" = noplugin ] && base=envoy
+  add "pc-$r" wrk "http://127.0.0.1:$AUTHZ_PORT$(path_of "$r")" "$(auth_of "$r")" "$base" "Envoy + portcullis: $(label_of "$r")"
+done
+for r in "${ENABLED[@]}"; do
+  hdr=$(auth_of "$r")
+  python3 "$ROOT/benches/check_body.py" "$WORK/body-$r.bin" "$(path_of "$r")" ${hdr:+"$hdr"}
+  base=grpc-noplugin
+  add "grpc-$r" h2load "$WORK/body-$r.bin" "" "$base" "gRPC Check direct: $(label_of "$r")"
+done
+CHECK_URL="http://127.0.0.1:$GRPC_PORT/envoy.service.auth.v3.Authorization/Check"
+
+# One request per row before measuring: every row must be an allow, else its
+# numbers would measure a denial.
+for row in "${ROWS[@]}"; do
+  IFS='|' read -r id tool target header _ label <<<"$row"
+  if [ "$tool" = wrk ]; then
+    code=$(curl -s -o /dev/null -w '%{http_code}' ${header:+-H "$header"} "$target")
+    [ "$code" = 200 ] || { echo "sanity: $label answered $code, expected 200 (logs in $WORK)" >&2; KEEP=1; exit 1; }
+  else
+    curl -s --http2-prior-knowledge -H 'content-type: application/grpc' -H 'te: trailers' \
+      --data-binary "@$target" -o "$WORK/resp.bin" -D "$WORK/resp.h" "$CHECK_URL"
+    python3 - "$WORK/resp.bin" "$WORK/resp.h" "$label" <<'EOF' || { KEEP=1; exit 1; }
+import sys
+body = open(sys.argv[1], "rb").read()[5:]
+heads = open(sys.argv[2]).read().lower()
+if "grpc-status: 0" not in heads:
+    sys.exit(f"sanity: {sys.argv[3]}: gRPC call failed: {heads!r}")
+# CheckResponse.status (1) → google.rpc.Status.code (1); absent means OK (0).
+code = 0
+if body[:1] == b"\x0a" and len(body) > 3 and body[2] == 0x08:
+    code = body[3]
+if code != 0:
+    sys.exit(f"sanity: {sys.argv[3]}: Check denied with code {code}")
+EOF
+  fi
+done
+
+to_ms() { # wrk latency like 812.00us / 1.23ms / 1.02s → ms
+  awk -v v="$1" 'BEGIN { n = v + 0; if (v ~ /us$/) n /= 1000; else if (v ~ /ms$/) n *= 1; else if (v ~ /s$/) n *= 1000; printf "%.3f", n }'
+}
+run_row() { # id tool target header → "rps p50 p99" in $WORK/res-ID
+  local id=$1 tool=$2 target=$3 header=$4 out
+  if [ "$tool" = wrk ]; then
+    out=$(wrk -t "$THREADS" -c "$CONNECTIONS" -d "${DURATION}s" --latency ${header:+-H "$header"} "$target")
+    if grep -q -E 'Non-2xx|Socket errors' <<<"$out"; then
+      echo "$id: errors during load:" >&2; grep -E 'Non-2xx|Socket errors' <<<"$out" >&2; echo "fail" >>"$WORK/res-$id"; return
+    fi
+    local rps p50 p99
+    rps=$(awk '/^Requests\/sec:/ { print $2 }' <<<"$out")
+    p50=$(to_ms "$(awk '$1 == "50%" { print $2 }' <<<"$out")")
+    p99=$(to_ms "$(awk '$1 == "99%" { print $2 }' <<<"$out")")
+    echo "$rps $p50 $p99" >>"$WORK/res-$id"
+  else
+    rm -f "$WORK/h2.log"
+    out=$(h2load -c "$CONNECTIONS" -m 1 -t "$THREADS" -D "$DURATION" --warm-up-time=1 \
+      -d "$target" -H 'content-type: application/grpc' -H 'te: trailers' \
+      --log-file="$WORK/h2.log" "$CHECK_URL" 2>&1)
+    local rps ok fail
+    rps=$(sed -n 's/^finished in [^,]*, \([0-9.]*\) req\/s.*/\1/p' <<<"$out")
+    fail=$(sed -n 's/^requests: .* \([0-9]*\) failed, \([0-9]*\) errored.*/\1 \2/p' <<<"$out")
+    ok=$(awk '/^status codes:/ { gsub(",", ""); print $3 }' <<<"$out")
+    if [ "$fail" != "0 0" ] || [ "${ok:-0}" = 0 ]; then
+      echo "$id: h2load reported failures: $(grep -E '^(requests|status codes):' <<<"$out" | tr '\n' ' ')" >&2
+      echo "fail" >>"$WORK/res-$id"; return
+    fi
+    # Per-request log: start(µs) status duration(µs).
+    echo "$rps $(awk '{ print $3 }' "$WORK/h2.log" | sort -n | awk '{ v[NR] = $1 } END {
+      i50 = int(NR * 0.50); if (i50 < 1) i50 = 1; i99 = int(NR * 0.99); if (i99 < 1) i99 = 1
+      printf "%.3f %.3f", v[i50] / 1000, v[i99] / 1000 }')" >>"$WORK/res-$id"
+  fi
+}
+
+echo "rows: ${#ROWS[@]}, runs: $RUNS × ${DURATION}s, connections: $CONNECTIONS" >&2
+for run in $(seq 1 "$RUNS"); do
+  for row in "${ROWS[@]}"; do
+    IFS='|' read -r id tool target header _ label <<<"$row"
+    echo "run $run/$RUNS: $label" >&2
+    run_row "$id" "$tool" "$target" "$header"
+  done
+done
+
+# --- table -----------------------------------------------------------------------
+: >"$WORK/rows.tsv"
+for row in "${ROWS[@]}"; do
+  IFS='|' read -r id tool _ _ base label <<<"$row"
+  printf '%s\t%s\t%s\t%s\t%s\n' "$id" "$tool" "$base" "$label" "$WORK/res-$id" >>"$WORK/rows.tsv"
+done
+{
+  echo "machine: $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')), load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
+  echo "Envoy $(envoy --version 2>/dev/null | sed -n 's/.*version: [^/]*\/\([0-9.]*\)\/.*/\1/p') --concurrency $CONCURRENCY; wrk -t $THREADS -c $CONNECTIONS; h2load -t $THREADS -c $CONNECTIONS -m 1; ${DURATION}s per run, median of $RUNS run(s), rows interleaved"
+  echo "portcullis: $PORTCULLIS"
+} >"$WORK/machine.txt"
+python3 - "$WORK/rows.tsv" "$WORK/machine.txt" <<'EOF' || status=$?
+import statistics, sys
+rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1])]
+med = {}
+bad = []
+for rid, tool, base, label, path in rows:
+    try:
+        runs = [l.split() for l in open(path)]
+    except FileNotFoundError:
+        runs = []
+    good = [list(map(float, r)) for r in runs if len(r) == 3]
+    if not good or len(good) != len(runs) or any(r[0] <= 0 for r in good):
+        bad.append(label)
+        continue
+    med[rid] = [statistics.median(r[i] for r in good) for i in range(3)]
+print(open(sys.argv[2]).read().rstrip())
+print()
+print(f"| {'row':<52} | {'req/s':>9} | {'p50 ms':>7} | {'p99 ms':>7} | {'ratio':>5} | baseline")
+print(f"|{'-'*54}|{'-'*11}|{'-'*9}|{'-'*9}|{'-'*7}|{'-'*10}")
+labels = {r[0]: r[3] for r in rows}
+for rid, tool, base, label, _ in rows:
+    if rid not in med:
+        print(f"| {label:<52} | {'FAILED':>9} | {'':>7} | {'':>7} | {'':>5} |")
+        continue
+    rps, p50, p99 = med[rid]
+    ratio = f"{rps / med[base][0]:.2f}" if base in med else "n/a"
+    bname = "itself" if base == rid else labels.get(base, base)
+    print(f"| {label:<52} | {rps:>9.0f} | {p50:>7.2f} | {p99:>7.2f} | {ratio:>5} | {bname}")
+checks = [
+    ("Envoy + portcullis jwt-auth HS256 / Envoy + portcullis no-plugin", "pc-jwt-hs", "pc-noplugin", 0.95),
+    ("Envoy + portcullis jwt-auth HS256 / Envoy jwt_authn HS256", "pc-jwt-hs", "jwtn", 0.75),
+    ("Envoy + portcullis openid-connect JWKS / no-plugin", "pc-oidc", "pc-noplugin", 0.85),
+    ("Envoy + portcullis no-plugin / Envoy, no auth", "pc-noplugin", "envoy", None),
+    ("Envoy jwt_authn / Envoy, no auth", "jwtn", "envoy", None),
+]
+print()
+for text, a, b, target in checks:
+    if a in med and b in med:
+        r = med[a][0] / med[b][0]
+        verdict = "" if target is None else (f"  (target ≥ {target}: {'met' if r >= target else 'MISSED'})")
+        print(f"{text}: {r:.2f}{verdict}")
+if "grpc-jwt-hs" in med:
+    v = med["grpc-jwt-hs"][0]
+    print(f"direct Check jwt-auth HS256: {v:.0f} req/s (target ≥ 100000: {'met' if v >= 100000 else 'MISSED'})")
+if bad:
+    print("\nrows without numbers: " + ", ".join(bad), file=sys.stderr)
+    sys.exit(1)
+EOF
+for r in "${PC_ROWS[@]}"; do
+  if [ -n "${SKIP[$r]:-}" ]; then
+    echo "skipped: $(label_of "$r") — this portcullis build refuses the route: ${SKIP[$r]}"
+  fi
+done
+exit "${status:-0}"

@@ -1,0 +1,200 @@
+#!/usr/bin/env bash
+# Scale benchmark: portcullis with many consumers and routes (default 100k and 10k).
+#
+#   benches/scale.sh [--consumers N] [--routes N] [--writes N] [--connections N]
+#                    [--portcullis PATH] [--keep]
+#
+# Measures, on 127.0.0.1 with free ports:
+#   startup   process start → /readyz 200 (config parsed, everything compiled);
+#   RSS       VmRSS and VmHWM after startup, and after the writes;
+#   writes    for each of --writes Admin API writes (alternately a new route and a
+#             consumer update): PUT latency and the time until a Check for the new
+#             route is allowed (the write is visible to Checks);
+#   Checks    h2load drives gRPC Check on one route during all the writes: p50/p99,
+#             and
+#             failures = h2load errors + non-2xx + load Checks portcullis did not
+#             allow on the load route: its own portcullis_checks_total{decision=
+#             "allow",route=...} must grow by exactly h2load's request count.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+CONSUMERS=100000
+ROUTES=10000
+WRITES=20
+CONNECTIONS=8
+PORTCULLIS=""
+KEEP=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --consumers) CONSUMERS=$2; shift 2 ;;
+    --routes) ROUTES=$2; shift 2 ;;
+    --writes) WRITES=$2; shift 2 ;;
+    --connections) CONNECTIONS=$2; shift 2 ;;
+    --portcullis) PORTCULLIS=$2; shift 2 ;;
+    --keep) KEEP=1; shift ;;
+    -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "unknown argument: $1" >&2; exit 2 ;;
+  esac
+done
+for tool in h2load python3 curl; do
+  command -v "$tool" >/dev/null || { echo "scale.sh needs $tool on PATH" >&2; exit 1; }
+done
+if [ -z "$PORTCULLIS" ]; then
+  echo "building portcullis (release)…" >&2
+  (cd "$ROOT" && cargo build --release --quiet --bin portcullis)
+  PORTCULLIS="${CARGO_TARGET_DIR:-$ROOT/target}/release/portcullis"
+fi
+
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/portcullis-scale.XXXXXX")
+PIDS=()
+cleanup() {
+  local pid
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+  if [ "$KEEP" = 1 ]; then echo "kept $WORK" >&2; else rm -rf "$WORK"; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+# The interpreter itself: a pyenv shim costs ~150 ms per call, too much in a timing loop.
+PY=$(python3 -c 'import sys; print(sys.executable)')
+GRPC_PORT=$(free_port); HTTP_PORT=$(free_port); ADMIN_PORT=$(free_port)
+KEY=$(openssl rand -hex 16)
+
+# Routes: APISIX-style prefixes; consumers with labels (the auth plugins' credentials
+# are added when this build has jwt-auth, probed below).
+python3 - "$WORK/scale.yaml" "$CONSUMERS" "$ROUTES" "$GRPC_PORT" "$HTTP_PORT" "$ADMIN_PORT" "$KEY" "$WORK" <<'EOF'
+import sys
+out, consumers, routes, grpc, http, admin, key, work = sys.argv[1:]
+with open(out, "w") as f:
+    f.write(f'listen: {{ grpc: "127.0.0.1:{grpc}", http: "127.0.0.1:{http}", admin: "127.0.0.1:{admin}" }}\n')
+    f.write(f"admin: {{ api_key: {key} }}\nstate_file: {work}/state.yaml\nroutes:\n")
+    for i in range(int(routes)):
+        f.write(f'  - {{ id: r{i}, uri: "/svc{i}/*", methods: [GET, POST] }}\n')
+    f.write("consumers:\n")
+    for i in range(int(consumers)):
+        f.write(f"  - {{ username: user{i}, labels: {{ team: t{i % 97}, custom_id: c{i} }} }}\n")
+EOF
+cat >"$WORK/probe.yaml" <<'EOF'
+consumers:
+  - username: probe
+    credentials: [ { id: c, plugins: { jwt-auth: { key: probe, secret: probe-secret-probe-secret } } } ]
+EOF
+if "$PORTCULLIS" validate --config "$WORK/probe.yaml" >/dev/null 2>&1; then
+  # One jwt-auth credential per consumer, so the credential index holds N keys.
+  python3 - "$WORK/scale.yaml" "$CONSUMERS" <<'EOF'
+import re, sys
+path, n = sys.argv[1], int(sys.argv[2])
+text = open(path).read()
+text = re.sub(
+    r"  - \{ username: user(\d+), (labels: \{[^}]*\}) \}",
+    lambda m: f"  - {{ username: user{m[1]}, {m[2]}, credentials: [ {{ id: c, plugins: {{ jwt-auth: {{ key: key{m[1]}, secret: secret-{m[1]}-0123456789abcdef }} }} }} ] }}",
+    text,
+)
+open(path, "w").write(text)
+EOF
+  CREDS="one jwt-auth credential each"
+else
+  CREDS="no credentials (this build has no jwt-auth)"
+fi
+
+rss() { awk '/^VmRSS|^VmHWM/ { printf "%s %.0f MiB  ", $1, $2 / 1024 }' "/proc/$1/status"; }
+now_ms() { date +%s%3N; }
+
+start=$(now_ms)
+RUST_LOG=warn "$PORTCULLIS" serve --config "$WORK/scale.yaml" >"$WORK/portcullis.log" 2>&1 &
+PC=$!
+PIDS+=("$PC")
+until curl -fs -o /dev/null "http://127.0.0.1:$HTTP_PORT/readyz"; do
+  kill -0 "$PC" 2>/dev/null || { cat "$WORK/portcullis.log" >&2; exit 1; }
+  sleep 0.02
+done
+ready=$(now_ms)
+echo "config: $ROUTES routes, $CONSUMERS consumers with $CREDS ($(du -h "$WORK/scale.yaml" | cut -f1) of YAML)"
+echo "startup to ready: $((ready - start)) ms"
+echo "memory after startup: $(rss "$PC")"
+
+CHECK_URL="http://127.0.0.1:$GRPC_PORT/envoy.service.auth.v3.Authorization/Check"
+"$PY" "$ROOT/benches/check_body.py" "$WORK/body.bin" "/svc$((ROUTES / 2))/items/1"
+body_for() { "$PY" "$ROOT/benches/check_body.py" "$WORK/probe-$1.bin" "$2"; }
+check_allowed() { # body name → 0 if that Check is allowed
+  curl -s --http2-prior-knowledge -H 'content-type: application/grpc' -H 'te: trailers' \
+    --data-binary "@$WORK/probe-$1.bin" -o "$WORK/probe.resp" "$CHECK_URL"
+  # CheckResponse.status (0a len) .code (08 code): any non-zero code is a denial.
+  ! xxd -p -s 5 -l 4 "$WORK/probe.resp" | grep -Eq '^0a..08(0[1-9a-f]|[1-9a-f].)'
+}
+LOAD_ROUTE="r$((ROUTES / 2))"
+allows() { # Checks allowed on the load route (the visibility probes match other routes)
+  curl -s "http://127.0.0.1:$HTTP_PORT/metrics" |
+    awk -v r="route=\"$LOAD_ROUTE\"" '/^portcullis_checks_total\{/ && /decision="allow"/ && index($0, r) { s += $NF } END { printf "%d\n", s }'
+}
+body_for load "/svc$((ROUTES / 2))/items/1"
+check_allowed load || { echo "the load route is not allowed" >&2; exit 1; }
+
+allows_before=$(allows)
+# Fixed-size h2load batches until the writes are done: each batch ends with every
+# request answered, so allowed Checks must equal requests sent, exactly.
+(
+  k=0
+  while [ ! -e "$WORK/writes.done" ]; do
+    k=$((k + 1))
+    h2load -c "$CONNECTIONS" -m 1 -t 1 -n 20000 -d "$WORK/body.bin" \
+      -H 'content-type: application/grpc' -H 'te: trailers' --log-file="$WORK/h2-$k.log" \
+      "$CHECK_URL" >"$WORK/h2-$k.out" 2>&1
+  done
+) &
+H2=$!
+PIDS+=("$H2")
+sleep 1.5
+: >"$WORK/writes.tsv"
+for i in $(seq 1 "$WRITES"); do
+  t0=$(now_ms)
+  if [ $((i % 2)) = 1 ]; then
+    body_for "new$i" "/new$i/x"
+    check_allowed "new$i" && { echo "route new$i matched before it was written" >&2; exit 1; }
+    t0=$(now_ms)
+    code=$(curl -s -o "$WORK/put.out" -w '%{http_code}' -X PUT -H "X-API-KEY: $KEY" \
+      -d "{\"uri\":\"/new$i/*\",\"methods\":[\"GET\"]}" "http://127.0.0.1:$ADMIN_PORT/apisix/admin/routes/new$i")
+    t1=$(now_ms)
+    until check_allowed "new$i"; do sleep 0.005; done
+    t2=$(now_ms)
+    kind=route
+  else
+    u=user$(( (i * 7919) % CONSUMERS ))
+    code=$(curl -s -o "$WORK/put.out" -w '%{http_code}' -X PUT -H "X-API-KEY: $KEY" \
+      -d "{\"username\":\"$u\",\"labels\":{\"team\":\"moved\",\"custom_id\":\"w$i\"}}" "http://127.0.0.1:$ADMIN_PORT/apisix/admin/consumers/$u")
+    t1=$(now_ms); t2=$t1
+    kind=consumer
+  fi
+  case "$code" in 200|201) ;; *) echo "write $i ($kind) failed: $code $(cat "$WORK/put.out")" >&2; exit 1 ;; esac
+  printf '%s\t%s\t%s\n' "$kind" "$((t1 - t0))" "$((t2 - t0))" >>"$WORK/writes.tsv"
+  sleep 0.3
+done
+touch "$WORK/writes.done"
+wait "$H2" || true
+allows_after=$(allows)
+echo "memory after $WRITES writes: $(rss "$PC")"
+python3 - "$WORK/writes.tsv" <<'EOF'
+import statistics, sys
+rows = [l.split("\t") for l in open(sys.argv[1])]
+for kind in ("route", "consumer"):
+    put = [int(r[1]) for r in rows if r[0] == kind]
+    vis = [int(r[2]) for r in rows if r[0] == kind]
+    if put:
+        print(f"{kind} writes: {len(put)}; Admin PUT ms median {statistics.median(put):.0f} max {max(put)}; "
+              f"visible to Checks ms median {statistics.median(vis):.0f} max {max(vis)}")
+EOF
+cat "$WORK"/h2-*.log | awk '{ print $3 }' | sort -n | awk '{ v[NR] = $1 } END {
+  printf "Check latency during writes: %d Checks, p50 %.2f ms, p99 %.2f ms, max %.2f ms\n", NR, v[int(NR*0.5)]/1000, v[int(NR*0.99)]/1000, v[NR]/1000 }'
+read -r n_total n_ok n_failed n_errored < <(cat "$WORK"/h2-*.out |
+  sed -n 's/^requests: \([0-9]*\) total, .* \([0-9]*\) succeeded, \([0-9]*\) failed, \([0-9]*\) errored.*/\1 \2 \3 \4/p' |
+  awk '{ t += $1; o += $2; f += $3; e += $4 } END { print t, o, f, e }')
+allowed=$((allows_after - allows_before))
+echo "Checks during writes: h2load sent $n_total, 2xx $n_ok, failed $n_failed, errored $n_errored; portcullis allowed $allowed on $LOAD_ROUTE"
+if [ "$n_failed" != 0 ] || [ "$n_errored" != 0 ] || [ "$n_ok" != "$n_total" ] || [ "$allowed" != "$n_total" ]; then
+  echo "FAILED: some Checks during the writes were not allowed" >&2
+  exit 1
+fi
+echo "no Check failed during the writes"

@@ -1,0 +1,107 @@
+//! A child process whose output goes to files in a test directory, is killed when
+//! dropped, and whose output is printed when the test that owns it fails.
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct Logged {
+    pub name: String,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Logged {
+    /// Spawns `cmd` with stdout and stderr appended to `<dir>/<name>.log`.
+    pub fn spawn(name: &str, mut cmd: Command, dir: &Path) -> Self {
+        let log = dir.join(format!("{name}.log"));
+        let out = File::options()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("open log file");
+        let err = out.try_clone().expect("clone log file");
+        cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name} ({cmd:?}): {e}"));
+        Logged {
+            name: name.to_owned(),
+            child: Some(child),
+            log,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child
+            .as_ref()
+            .map(Child::id)
+            .expect("process is running")
+    }
+
+    /// `Some(status)` once the process has exited.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits (bounded) for the exit status.
+    pub fn terminate(&mut self, within: Duration) -> ExitStatus {
+        let pid = self.pid().to_string();
+        let sent = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("run kill");
+        assert!(sent.success(), "kill -TERM {pid} failed");
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.exited() {
+                self.child = None;
+                return status;
+            }
+            if Instant::now() > deadline {
+                self.kill();
+                panic!(
+                    "{} did not exit within {within:?} of SIGTERM\n{}",
+                    self.name,
+                    self.tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// The last lines of the output, for failure messages.
+    pub fn tail(&self) -> String {
+        let text = self.output();
+        let lines: Vec<&str> = text.lines().collect();
+        let from = lines.len().saturating_sub(80);
+        format!(
+            "----- {} ({}) -----\n{}\n-----",
+            self.name,
+            self.log.display(),
+            lines[from..].join("\n")
+        )
+    }
+}
+
+impl Drop for Logged {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() || std::env::var_os("PORTCULLIS_TEST_LOGS").is_some() {
+            eprintln!("{}", self.tail());
+        }
+    }
+}

@@ -1,0 +1,164 @@
+//! The gRPC front as Envoy and operators' tools see it: every Check is answered with
+//! a decision (never an RPC error, which Envoy would resolve with
+//! `failure_mode_allow`), and server reflection describes the services so grpcurl
+//! needs no proto files.
+mod common;
+
+use std::collections::HashMap;
+
+use common::Portcullis;
+use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
+use envoy_types::pb::envoy::service::auth::v3::{
+    AttributeContext, CheckRequest, attribute_context,
+};
+use tokio_stream::StreamExt;
+use tonic_reflection::pb::v1::ServerReflectionRequest;
+use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+const CONFIG: &str = r#"
+routes:
+  - { id: open, uri: /open/*, plugins: {} }
+"#;
+
+fn check(path: &str, headers: &[(&str, &str)]) -> CheckRequest {
+    CheckRequest {
+        attributes: Some(AttributeContext {
+            request: Some(attribute_context::Request {
+                http: Some(attribute_context::HttpRequest {
+                    method: "GET".into(),
+                    host: "example.com".into(),
+                    path: path.into(),
+                    scheme: "http".into(),
+                    headers: headers
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect::<HashMap<_, _>>(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    }
+}
+
+async fn client(p: &Portcullis) -> AuthorizationClient<tonic::transport::Channel> {
+    AuthorizationClient::connect(p.grpc_endpoint())
+        .await
+        .expect("connect to portcullis gRPC")
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20)
+}
+
+#[tokio::test]
+async fn every_check_gets_a_decision_never_an_rpc_error() {
+    let p = Portcullis::start(CONFIG).await;
+    let mut c = client(&p).await;
+
+    // A message without HTTP attributes is a bad request, answered as a denial.
+    let resp = c
+        .check(CheckRequest::default())
+        .await
+        .expect("a decision, not an RPC error")
+        .into_inner();
+    assert_eq!(resp.status.unwrap().code, 7, "PERMISSION_DENIED");
+    let Some(HttpResponse::DeniedResponse(denied)) = resp.http_response else {
+        panic!("denied response")
+    };
+    assert_eq!(denied.status.unwrap().code, 400);
+
+    // Unmatched: APISIX's 404.
+    let resp = c.check(check("/nowhere", &[])).await.unwrap().into_inner();
+    let Some(HttpResponse::DeniedResponse(denied)) = resp.http_response else {
+        panic!("denied response")
+    };
+    assert_eq!(denied.status.unwrap().code, 404);
+    assert_eq!(denied.body, r#"{"message":"404 Route Not Found"}"#);
+
+    // Allowed, and a spoofed identity header (underscore spelling too) is removed.
+    let resp = c
+        .check(check(
+            "/open/x",
+            &[
+                ("x-consumer-username", "admin"),
+                ("x_credential_identifier", "root"),
+            ],
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resp.status.unwrap().code, 0);
+    let Some(HttpResponse::OkResponse(ok)) = resp.http_response else {
+        panic!("ok response")
+    };
+    let mut removed = ok.headers_to_remove.clone();
+    removed.sort();
+    assert_eq!(
+        removed,
+        vec!["x-consumer-username", "x_credential_identifier"]
+    );
+
+    // Bigger than tonic's 4 MiB default: still a decision.
+    let big = "a".repeat(6 << 20);
+    let resp = c
+        .check(check("/open/big", &[("x-big", &big)]))
+        .await
+        .expect("large Check answered")
+        .into_inner();
+    assert_eq!(resp.status.unwrap().code, 0);
+}
+
+#[tokio::test]
+async fn reflection_lists_ext_authz_and_health() {
+    let p = Portcullis::start(CONFIG).await;
+    let channel = tonic::transport::Endpoint::from_shared(p.grpc_endpoint())
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    let mut client = ServerReflectionClient::new(channel);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = client
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .expect("reflection stream")
+        .into_inner();
+    let reply = stream.next().await.expect("one answer").expect("no error");
+    let Some(MessageResponse::ListServicesResponse(list)) = reply.message_response else {
+        panic!("list services answer: {reply:?}")
+    };
+    let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
+    for wanted in [
+        "envoy.service.auth.v3.Authorization",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(
+            names.iter().any(|n| n == wanted),
+            "{wanted} missing from {names:?}"
+        );
+    }
+
+    // The descriptor describes Check's request type, so grpcurl can build one.
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::FileContainingSymbol(
+            "envoy.service.auth.v3.Authorization".into(),
+        )),
+    };
+    let mut stream = client
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let reply = stream.next().await.unwrap().unwrap();
+    assert!(
+        matches!(reply.message_response, Some(MessageResponse::FileDescriptorResponse(ref f)) if !f.file_descriptor_proto.is_empty()),
+        "{reply:?}"
+    );
+}
