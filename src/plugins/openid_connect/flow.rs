@@ -1,0 +1,831 @@
+//! The relying party: login redirect, callback, session use and renewal, logout.
+//!
+//! A login in progress is a short-lived encrypted cookie (`<cookie_name>_login`) holding
+//! the `state`, `nonce`, PKCE verifier and the URL to return to; the callback accepts a
+//! code only when its `state` matches that cookie, and consumes the cookie, so a forged or
+//! replayed callback never reaches the token endpoint. A stale state restarts the login
+//! (at most [`MAX_RESTARTS`] times, as APISIX). Redirects only ever go to the OP's
+//! endpoints, the configured URIs, or a path on the same host that the proxy itself saw.
+use base64::Engine;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use super::bearer::{self, Keys};
+use super::provider::{Discovery, FetchError, read_json, transport};
+use super::session::{self, CookieAttrs, Sealer};
+use super::{AuthMethod, Plugin, SessionSettings, UnauthAction, now};
+use crate::decision::Deny;
+use crate::plugins::{Ctx, Outcome};
+
+/// Restarts of the login from stale callbacks before giving up.
+const MAX_RESTARTS: u8 = 3;
+/// How long a login may take at the OP.
+const LOGIN_TTL: u64 = 600;
+/// A session in use is re-sent (to move its idle clock) at most this often.
+const TOUCH_INTERVAL: i64 = 60;
+
+/// Compiled `session.*` settings.
+#[derive(Debug)]
+pub struct SessionConfig {
+    sealer: Sealer,
+    cookie_name: String,
+    login_cookie: String,
+    attrs: CookieAttrs,
+    idling: i64,
+    rolling: i64,
+    absolute: i64,
+}
+
+impl SessionConfig {
+    pub fn compile(s: &SessionSettings) -> Result<Self, String> {
+        if s.secret.chars().count() < 16 {
+            return Err("property \"session.secret\" must be at least 16 characters".into());
+        }
+        let cookie_name = s.cookie_name.clone().unwrap_or_else(|| "session".into());
+        if !crate::decision::is_safe_header_name(&cookie_name) || cookie_name.contains(['=', ';']) {
+            return Err("property \"session.cookie_name\" is not a valid cookie name".into());
+        }
+        let same_site = match s.cookie_same_site.as_deref() {
+            None => Some("Lax".to_owned()),
+            Some("Default") => None,
+            Some(v @ ("Strict" | "Lax" | "None")) => Some(v.to_owned()),
+            Some(other) => {
+                return Err(format!(
+                    "property \"session.cookie_same_site\" must be Strict, Lax, None or Default, got \"{other}\""
+                ));
+            }
+        };
+        let secure = s
+            .cookie_secure
+            .unwrap_or(same_site.as_deref() == Some("None"));
+        let timeout = |v: Option<u64>, default: u64| v.unwrap_or(default) as i64;
+        Ok(SessionConfig {
+            sealer: Sealer::new(&s.secret),
+            login_cookie: format!("{cookie_name}_login"),
+            cookie_name,
+            attrs: CookieAttrs {
+                path: s.cookie_path.clone().unwrap_or_else(|| "/".into()),
+                domain: s.cookie_domain.clone(),
+                secure,
+                http_only: s.cookie_http_only.unwrap_or(true),
+                same_site,
+            },
+            idling: timeout(s.idling_timeout, 900),
+            rolling: timeout(s.rolling_timeout, 3600),
+            absolute: timeout(
+                s.absolute_timeout
+                    .or(s.cookie.as_ref().and_then(|c| c.lifetime)),
+                86400,
+            ),
+        })
+    }
+}
+
+/// What the session cookie holds.
+#[derive(Debug, Serialize, Deserialize)]
+struct LoginSession {
+    sid: String,
+    created: i64,
+    /// Last time the session was saved (idle and rolling clocks).
+    saved: i64,
+    id_token: String,
+    sub: String,
+    access_token: Option<String>,
+    access_exp: Option<i64>,
+    refresh_token: Option<String>,
+    userinfo: Option<Value>,
+    scope: Option<String>,
+}
+
+/// What the login cookie holds while the user is at the OP.
+#[derive(Debug, Serialize, Deserialize)]
+struct PendingLogin {
+    state: String,
+    nonce: Option<String>,
+    verifier: Option<String>,
+    original: String,
+    redirect_uri: String,
+    created: i64,
+    restarts: u8,
+}
+
+#[derive(Debug, Deserialize)]
+struct TokenResponse {
+    access_token: Option<String>,
+    id_token: Option<String>,
+    refresh_token: Option<String>,
+    expires_in: Option<i64>,
+    scope: Option<String>,
+}
+
+fn random_token() -> String {
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// Why the OP's answer ended the flow: its own refusal (401) or its absence (503).
+enum OpFailure {
+    Refused(String),
+    Unavailable(String),
+}
+
+impl From<FetchError> for OpFailure {
+    fn from(e: FetchError) -> Self {
+        match e {
+            FetchError::Status { status, .. } if (400..500).contains(&status) => {
+                OpFailure::Refused(e.to_string())
+            }
+            other => OpFailure::Unavailable(other.to_string()),
+        }
+    }
+}
+
+impl OpFailure {
+    fn deny(self) -> Deny {
+        match self {
+            OpFailure::Refused(reason) => {
+                tracing::warn!(%reason, "openid-connect: login refused");
+                Deny::new(401).because(format!("openid-connect: {reason}"))
+            }
+            OpFailure::Unavailable(reason) => {
+                tracing::error!(%reason, "openid-connect: provider unavailable");
+                Deny::message(503, "OpenID Provider unavailable")
+                    .because(format!("openid-connect: {reason}"))
+            }
+        }
+    }
+}
+
+pub async fn run(
+    plugin: &Plugin,
+    cfg: &SessionConfig,
+    cx: &mut Ctx<'_>,
+    http: &reqwest::Client,
+) -> Outcome {
+    let redirect_uri = redirect_uri(plugin, cx);
+    let redirect_path = url::Url::parse(&redirect_uri)
+        .map(|u| u.path().to_owned())
+        .unwrap_or_default();
+    let result = if cx.req.path == plugin.settings.logout_path {
+        logout(plugin, cfg, cx, http).await
+    } else if cx.req.path == redirect_path {
+        callback(plugin, cfg, cx, http).await
+    } else {
+        use_session(plugin, cfg, cx, http, &redirect_uri).await
+    };
+    match result {
+        Ok(outcome) => outcome,
+        Err(failure) => Outcome::Deny(failure.deny()),
+    }
+}
+
+/// The configured redirect_uri, or APISIX's default: this path + `/.apisix/redirect`.
+fn redirect_uri(plugin: &Plugin, cx: &Ctx<'_>) -> String {
+    if let Some(uri) = &plugin.settings.redirect_uri {
+        return uri.clone();
+    }
+    const SUFFIX: &str = "/.apisix/redirect";
+    let path = cx.req.path;
+    let path = if path.ends_with(SUFFIX) {
+        path.to_owned()
+    } else {
+        format!("{}{SUFFIX}", path.strip_suffix('/').unwrap_or(path))
+    };
+    format!("{}://{}{path}", cx.req.scheme, cx.req.authority)
+}
+
+async fn discovery(
+    plugin: &Plugin,
+    cx: &Ctx<'_>,
+    http: &reqwest::Client,
+) -> Result<std::sync::Arc<Discovery>, OpFailure> {
+    cx.shared
+        .openid_connect
+        .discovery(http, &plugin.settings.discovery)
+        .await
+        .map_err(|e| OpFailure::Unavailable(e.to_string()))
+}
+
+async fn use_session(
+    plugin: &Plugin,
+    cfg: &SessionConfig,
+    cx: &mut Ctx<'_>,
+    http: &reqwest::Client,
+    redirect_uri: &str,
+) -> Result<Outcome, OpFailure> {
+    let now = now();
+    let found: Option<LoginSession> = session::read(&cfg.sealer, cx.req, &cfg.cookie_name);
+    let mut sess = match found {
+        Some(s)
+            if (cfg.absolute <= 0 || now - s.created <= cfg.absolute)
+                && (cfg.idling <= 0 || now - s.saved <= cfg.idling)
+                && (cfg.rolling <= 0 || now - s.saved <= cfg.rolling) =>
+        {
+            s
+        }
+        _ => return unauthenticated(plugin, cfg, cx, http, redirect_uri, 0, None).await,
+    };
+    let mut save = now - sess.saved >= TOUCH_INTERVAL;
+    let leeway = plugin.settings.access_token_expires_leeway as i64;
+    if sess.access_exp.is_some_and(|exp| exp - leeway <= now) {
+        let refresh_token = sess.refresh_token.clone();
+        let renewed = match (refresh_token, plugin.settings.renew_access_token_on_expiry) {
+            (Some(rt), true) => refresh(plugin, cx, http, &mut sess, rt).await,
+            _ => false,
+        };
+        if !renewed {
+            return unauthenticated(plugin, cfg, cx, http, redirect_uri, 0, None).await;
+        }
+        save = true;
+    }
+    let granted = session_scope(&sess);
+    if let Some(deny) = plugin.check_scopes(granted.as_deref()) {
+        return Ok(Outcome::Deny(deny));
+    }
+    if let Some(token) = &sess.access_token {
+        plugin.set_access_token(cx, token);
+    }
+    let s = &plugin.settings;
+    if s.set_id_token_header
+        && let Some(claims) = payload(&sess.id_token)
+    {
+        cx.allow
+            .set_upstream("x-id-token", STANDARD.encode(claims.to_string()));
+    }
+    if s.set_userinfo_header
+        && let Some(user) = &sess.userinfo
+    {
+        cx.allow
+            .set_upstream("x-userinfo", STANDARD.encode(user.to_string()));
+    }
+    if s.set_refresh_token_header
+        && let Some(rt) = sess
+            .refresh_token
+            .as_deref()
+            .filter(|v| crate::decision::is_safe_header_value(v))
+    {
+        cx.allow.set_upstream("x-refresh-token", rt.to_owned());
+    }
+    if s.set_raw_id_token_header && crate::decision::is_safe_header_value(&sess.id_token) {
+        cx.allow
+            .set_upstream("x-raw-id-token", sess.id_token.clone());
+    }
+    hide_own_cookies(cfg, cx);
+    if save {
+        sess.saved = now;
+        let previous = session::present_chunks(cx.req, &cfg.cookie_name);
+        for c in session::write(
+            &cfg.sealer,
+            &cfg.cookie_name,
+            &sess,
+            &cfg.attrs,
+            max_age(cfg, &sess, now),
+            previous,
+        ) {
+            cx.allow.add_client_header("set-cookie", c);
+        }
+    }
+    Ok(Outcome::Continue)
+}
+
+/// The session cookies are ours: the upstream gets the client's other cookies only.
+fn hide_own_cookies(cfg: &SessionConfig, cx: &mut Ctx<'_>) {
+    let Some(header) = cx.req.headers.get("cookie") else {
+        return;
+    };
+    let kept: Vec<&str> = header
+        .split(';')
+        .map(str::trim)
+        .filter(|c| {
+            let name = c.split('=').next().unwrap_or_default().trim();
+            !session::is_chunk_of(name, &cfg.cookie_name) && name != cfg.login_cookie
+        })
+        .collect();
+    if kept.len() == header.split(';').count() {
+        return;
+    }
+    if kept.is_empty() {
+        cx.allow.unset_upstream("cookie");
+    } else {
+        cx.allow.set_upstream("cookie", kept.join("; "));
+    }
+}
+
+fn max_age(cfg: &SessionConfig, sess: &LoginSession, now: i64) -> Option<u64> {
+    (cfg.absolute > 0).then(|| (sess.created + cfg.absolute - now).max(0) as u64)
+}
+
+/// Scopes granted to the session: from a JWT access token, the ID token, or the token
+/// response.
+fn session_scope(sess: &LoginSession) -> Option<String> {
+    let from = |claims: Option<Value>| {
+        claims.and_then(|c| c.get("scope").and_then(Value::as_str).map(str::to_owned))
+    };
+    from(sess.access_token.as_deref().and_then(payload))
+        .or_else(|| from(payload(&sess.id_token)))
+        .or_else(|| sess.scope.clone())
+}
+
+/// The payload of a JWT whose integrity was proven earlier (it sits in our sealed
+/// session).
+fn payload(jwt: &str) -> Option<Value> {
+    let part = jwt.split('.').nth(1)?;
+    serde_json::from_slice(&URL_SAFE_NO_PAD.decode(part).ok()?).ok()
+}
+
+/// No usable session: start a login, deny or pass, per `unauth_action`.
+async fn unauthenticated(
+    plugin: &Plugin,
+    cfg: &SessionConfig,
+    cx: &mut Ctx<'_>,
+    http: &reqwest::Client,
+    redirect_uri: &str,
+    restarts: u8,
+    original: Option<String>,
+) -> Result<Outcome, OpFailure> {
+    match plugin.settings.unauth_action {
+        UnauthAction::Pass => {
+            hide_own_cookies(cfg, cx);
+            return Ok(Outcome::Continue);
+        }
+        UnauthAction::Deny => {
+            return Ok(Outcome::Deny(
+                Deny::new(401).because("openid-connect: no session (unauth_action deny)"),
+            ));
+        }
+        UnauthAction::Auth => {}
+    }
+    let doc = discovery(plugin, cx, http).await?;
+    let Some(endpoint) = &doc.authorization_endpoint else {
+        return Err(OpFailure::Unavailable(
+            "the provider publishes no authorization_endpoint".into(),
+        ));
+    };
+    let s = &plugin.settings;
+    let pending = PendingLogin {
+        state: random_token(),
+        nonce: s.use_nonce.then(random_token),
+        verifier: s.use_pkce.then(random_token),
+        original: original.unwrap_or_else(|| same_site_target(cx.req.request_uri)),
+        redirect_uri: redirect_uri.to_owned(),
+        created: now(),
+        restarts,
+    };
+    let mut location = url::Url::parse(endpoint)
+        .map_err(|e| OpFailure::Unavailable(format!("bad authorization_endpoint: {e}")))?;
+    {
+        let mut q = location.query_pairs_mut();
+        const OURS: &[&str] = &[
+            "response_type",
+            "client_id",
+            "redirect_uri",
+            "state",
+            "nonce",
+            "code_challenge",
+            "code_challenge_method",
+        ];
+        for (k, v) in s.authorization_params.iter().flatten() {
+            if OURS.contains(&k.as_str()) || k == "scope" {
+                continue;
+            }
+            let v = match v {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            q.append_pair(k, &v);
+        }
+        q.append_pair("response_type", "code")
+            .append_pair("client_id", &s.client_id)
+            .append_pair("redirect_uri", redirect_uri)
+            .append_pair("scope", &s.scope)
+            .append_pair("state", &pending.state);
+        if let Some(nonce) = &pending.nonce {
+            q.append_pair("nonce", nonce);
+        }
+        if let Some(verifier) = &pending.verifier {
+            q.append_pair(
+                "code_challenge",
+                &URL_SAFE_NO_PAD.encode(Sha256::digest(verifier.as_bytes())),
+            )
+            .append_pair("code_challenge_method", "S256");
+        }
+    }
+    let mut deny = Deny::new(302)
+        .header("location", location.to_string())
+        .header("cache-control", "no-store")
+        .because("openid-connect: login required");
+    for c in session::write(
+        &cfg.sealer,
+        &cfg.login_cookie,
+        &pending,
+        &cfg.attrs,
+        Some(LOGIN_TTL),
+        0,
+    ) {
+        deny = deny.header("set-cookie", c);
+    }
+    Ok(Outcome::Deny(deny))
+}
+
+/// Only a path on this host is a place to return to: `//host`, `/\host` and anything
+/// that is not a path become `/`.
+fn same_site_target(request_uri: &str) -> String {
+    let ok = request_uri.starts_with('/')
+        && !request_uri.starts_with("//")
+        && !request_uri.starts_with("/\\")
+        && !request_uri.bytes().any(|b| b < 0x20 || b == 0x7f);
+    if ok {
+        request_uri.to_owned()
+    } else {
+        "/".to_owned()
+    }
+}
+
+async fn callback(
+    plugin: &Plugin,
+    cfg: &SessionConfig,
+    cx: &mut Ctx<'_>,
+    http: &reqwest::Client,
+) -> Result<Outcome, OpFailure> {
+    let pending: Option<PendingLogin> = session::read(&cfg.sealer, cx.req, &cfg.login_cookie);
+    let pending = pending.filter(|p| now() - p.created <= LOGIN_TTL as i64);
+    let state = cx.req.query_param("state");
+    let Some(pending) = pending else {
+        return Ok(Outcome::Deny(
+            Deny::new(401).because("openid-connect: callback without a login in progress"),
+        ));
+    };
+    let matches = state
+        .as_deref()
+        .is_some_and(|s| constant_time_eq(s.as_bytes(), pending.state.as_bytes()));
+    if !matches {
+        if pending.restarts < MAX_RESTARTS && cx.req.method == "GET" {
+            tracing::warn!("openid-connect: state mismatch, restarting the login");
+            let redirect_uri = pending.redirect_uri.clone();
+            return unauthenticated(
+                plugin,
+                cfg,
+                cx,
+                http,
+                &redirect_uri,
+                pending.restarts + 1,
+                Some(pending.original),
+            )
+            .await;
+        }
+        return Ok(Outcome::Deny(
+            Deny::new(401).because("openid-connect: state mismatch"),
+        ));
+    }
+    if let Some(error) = cx.req.query_param("error") {
+        return Ok(Outcome::Deny(Deny::new(401).because(format!(
+            "openid-connect: the provider answered {error}"
+        ))));
+    }
+    let Some(code) = cx.req.query_param("code") else {
+        return Ok(Outcome::Deny(
+            Deny::new(401).because("openid-connect: callback without a code"),
+        ));
+    };
+    let doc = discovery(plugin, cx, http).await?;
+    let mut form = vec![
+        ("grant_type", "authorization_code".to_owned()),
+        ("code", code.into_owned()),
+        ("redirect_uri", pending.redirect_uri.clone()),
+    ];
+    if let Some(v) = &pending.verifier {
+        form.push(("code_verifier", v.clone()));
+    }
+    let tokens = token_request(plugin, &doc, http, form).await?;
+    let Some(id_token) = tokens.id_token.clone() else {
+        return Err(OpFailure::Refused(
+            "the token response has no id_token".into(),
+        ));
+    };
+    let claims = validate_id_token(
+        plugin,
+        cx,
+        http,
+        &doc,
+        &id_token,
+        pending.nonce.as_deref(),
+        None,
+    )
+    .await
+    .map_err(OpFailure::Refused)?;
+    let sub = claims["sub"].as_str().unwrap_or_default().to_owned();
+    let userinfo = match (&doc.userinfo_endpoint, &tokens.access_token) {
+        (Some(endpoint), Some(at)) => {
+            let response = http
+                .get(endpoint)
+                .bearer_auth(at)
+                .header("accept", "application/json")
+                .send()
+                .await
+                .map_err(|e| OpFailure::from(transport(endpoint, &e)))?;
+            let user = read_json(endpoint, response).await?;
+            if user.get("sub").and_then(Value::as_str) != Some(sub.as_str()) {
+                return Err(OpFailure::Refused(
+                    "userinfo sub differs from the ID token's".into(),
+                ));
+            }
+            Some(user)
+        }
+        _ => None,
+    };
+    let now = now();
+    let sess = LoginSession {
+        sid: random_token(),
+        created: now,
+        saved: now,
+        id_token,
+        sub,
+        access_exp: access_exp(plugin, &tokens, now),
+        access_token: tokens.access_token,
+        refresh_token: tokens.refresh_token,
+        userinfo,
+        scope: tokens.scope,
+    };
+    let mut deny = Deny::new(302)
+        .header("location", pending.original.clone())
+        .header("cache-control", "no-store")
+        .because("openid-connect: login completed");
+    let previous = session::present_chunks(cx.req, &cfg.cookie_name);
+    for c in session::write(
+        &cfg.sealer,
+        &cfg.cookie_name,
+        &sess,
+        &cfg.attrs,
+        max_age(cfg, &sess, now),
+        previous,
+    ) {
+        deny = deny.header("set-cookie", c);
+    }
+    for c in session::clear(cx.req, &cfg.login_cookie, &cfg.attrs) {
+        deny = deny.header("set-cookie", c);
+    }
+    Ok(Outcome::Deny(deny))
+}
+
+fn access_exp(plugin: &Plugin, tokens: &TokenResponse, now: i64) -> Option<i64> {
+    tokens.access_token.as_ref()?;
+    let lifetime = tokens
+        .expires_in
+        .or(plugin.settings.access_token_expires_in.map(|v| v as i64))
+        .unwrap_or(3600);
+    Some(now + lifetime)
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// POSTs to the token endpoint with the route's client authentication.
+async fn token_request(
+    plugin: &Plugin,
+    doc: &Discovery,
+    http: &reqwest::Client,
+    mut form: Vec<(&'static str, String)>,
+) -> Result<TokenResponse, OpFailure> {
+    let Some(endpoint) = &doc.token_endpoint else {
+        return Err(OpFailure::Unavailable(
+            "the provider publishes no token_endpoint".into(),
+        ));
+    };
+    let s = &plugin.settings;
+    let mut request = http.post(endpoint).header("accept", "application/json");
+    match (&s.client_secret, s.token_endpoint_auth_method) {
+        (Some(secret), AuthMethod::ClientSecretBasic) => {
+            let enc =
+                |v: &str| url::form_urlencoded::byte_serialize(v.as_bytes()).collect::<String>();
+            request = request.basic_auth(enc(&s.client_id), Some(enc(secret)));
+        }
+        (Some(secret), AuthMethod::ClientSecretPost) => {
+            form.push(("client_id", s.client_id.clone()));
+            form.push(("client_secret", secret.clone()));
+        }
+        (None, _) => form.push(("client_id", s.client_id.clone())),
+    }
+    let response = request
+        .form(&form)
+        .send()
+        .await
+        .map_err(|e| OpFailure::from(transport(endpoint, &e)))?;
+    let body = read_json(endpoint, response).await?;
+    serde_json::from_value(body).map_err(|e| OpFailure::Refused(format!("bad token response: {e}")))
+}
+
+/// OpenID Connect Core §3.1.3.7: signature by the OP's JWKS, `iss`, `aud`/`azp`, `exp`,
+/// `iat` within `iat_slack`, `nonce`, `sub`. On refresh, `iss` and `sub` must not change.
+async fn validate_id_token(
+    plugin: &Plugin,
+    cx: &Ctx<'_>,
+    http: &reqwest::Client,
+    doc: &Discovery,
+    token: &str,
+    nonce: Option<&str>,
+    previous_sub: Option<&str>,
+) -> Result<Value, String> {
+    let Some(jwks_uri) = &doc.jwks_uri else {
+        return Err("the provider publishes no jwks_uri".into());
+    };
+    let claims = bearer::verify_jwt(
+        token,
+        Keys::Jwks {
+            shared: &cx.shared.openid_connect,
+            http,
+            url: jwks_uri,
+            ttl: std::time::Duration::from_secs(plugin.settings.jwk_expires_in),
+        },
+        &plugin.algorithms,
+        std::slice::from_ref(&doc.issuer),
+    )
+    .await
+    .map_err(|e| format!("ID token rejected: {e}"))?;
+    let client_id = plugin.settings.client_id.as_str();
+    let audiences: Vec<&str> = match &claims["aud"] {
+        Value::String(a) => vec![a.as_str()],
+        Value::Array(list) => list.iter().filter_map(Value::as_str).collect(),
+        _ => Vec::new(),
+    };
+    if !audiences.contains(&client_id) {
+        return Err("ID token audience is not this client".into());
+    }
+    if audiences.len() > 1 && claims["azp"].as_str() != Some(client_id) {
+        return Err("ID token azp is not this client".into());
+    }
+    let Some(iat) = claims["iat"].as_i64() else {
+        return Err("ID token has no iat".into());
+    };
+    if (now() - iat).unsigned_abs() > plugin.settings.iat_slack {
+        return Err("ID token iat is outside iat_slack".into());
+    }
+    let Some(sub) = claims["sub"].as_str().filter(|s| !s.is_empty()) else {
+        return Err("ID token has no sub".into());
+    };
+    if let Some(expected) = nonce
+        && claims["nonce"].as_str() != Some(expected)
+    {
+        return Err("ID token nonce does not match".into());
+    }
+    if let Some(previous) = previous_sub
+        && previous != sub
+    {
+        return Err("refreshed ID token names another subject".into());
+    }
+    Ok(claims)
+}
+
+/// Renews the session's tokens with its refresh token; false means log in again.
+async fn refresh(
+    plugin: &Plugin,
+    cx: &Ctx<'_>,
+    http: &reqwest::Client,
+    sess: &mut LoginSession,
+    refresh_token: String,
+) -> bool {
+    let Ok(doc) = discovery(plugin, cx, http).await else {
+        return false;
+    };
+    let form = vec![
+        ("grant_type", "refresh_token".to_owned()),
+        ("refresh_token", refresh_token),
+    ];
+    let tokens = match token_request(plugin, &doc, http, form).await {
+        Ok(t) => t,
+        Err(OpFailure::Refused(reason) | OpFailure::Unavailable(reason)) => {
+            tracing::info!(%reason, "openid-connect: refresh failed, login again");
+            return false;
+        }
+    };
+    if let Some(id_token) = &tokens.id_token {
+        match validate_id_token(plugin, cx, http, &doc, id_token, None, Some(&sess.sub)).await {
+            Ok(_) => sess.id_token = id_token.clone(),
+            Err(reason) => {
+                tracing::warn!(%reason, "openid-connect: refreshed ID token rejected");
+                return false;
+            }
+        }
+    }
+    let now = now();
+    sess.access_exp = access_exp(plugin, &tokens, now);
+    if tokens.access_token.is_some() {
+        sess.access_token = tokens.access_token;
+    }
+    if tokens.refresh_token.is_some() {
+        sess.refresh_token = tokens.refresh_token;
+    }
+    if tokens.scope.is_some() {
+        sess.scope = tokens.scope;
+    }
+    true
+}
+
+async fn logout(
+    plugin: &Plugin,
+    cfg: &SessionConfig,
+    cx: &mut Ctx<'_>,
+    http: &reqwest::Client,
+) -> Result<Outcome, OpFailure> {
+    let doc = discovery(plugin, cx, http).await?;
+    let sess: Option<LoginSession> = session::read(&cfg.sealer, cx.req, &cfg.cookie_name);
+    let s = &plugin.settings;
+    if s.revoke_tokens_on_logout
+        && let (Some(sess), Some(endpoint)) = (&sess, &doc.revocation_endpoint)
+    {
+        for (token, hint) in [
+            (&sess.refresh_token, "refresh_token"),
+            (&sess.access_token, "access_token"),
+        ] {
+            if let Some(token) = token {
+                revoke(plugin, http, endpoint, token, hint).await;
+            }
+        }
+    }
+    let mut deny = match (&doc.end_session_endpoint, &s.post_logout_redirect_uri) {
+        (Some(endpoint), post) => {
+            let mut url = url::Url::parse(endpoint)
+                .map_err(|e| OpFailure::Unavailable(format!("bad end_session_endpoint: {e}")))?;
+            {
+                let mut q = url.query_pairs_mut();
+                if let Some(sess) = &sess {
+                    q.append_pair("id_token_hint", &sess.id_token);
+                }
+                if let Some(post) = post {
+                    q.append_pair("post_logout_redirect_uri", post);
+                }
+            }
+            Deny::new(302).header("location", url.to_string())
+        }
+        (None, Some(post)) => Deny::new(302).header("location", post.clone()),
+        (None, None) => {
+            let mut page = Deny::new(200).header("content-type", "text/html; charset=utf-8");
+            page.body = "<html><body><p>Logged out</p></body></html>\n".to_owned();
+            page
+        }
+    };
+    deny = deny
+        .header("cache-control", "no-store")
+        .because("openid-connect: logout");
+    for c in session::clear(cx.req, &cfg.cookie_name, &cfg.attrs) {
+        deny = deny.header("set-cookie", c);
+    }
+    Ok(Outcome::Deny(deny))
+}
+
+/// RFC 7009 revocation, best effort: a failure is logged, the logout goes on.
+async fn revoke(plugin: &Plugin, http: &reqwest::Client, endpoint: &str, token: &str, hint: &str) {
+    let s = &plugin.settings;
+    let mut form = vec![("token", token), ("token_type_hint", hint)];
+    let mut request = http.post(endpoint);
+    match (&s.client_secret, s.token_endpoint_auth_method) {
+        (Some(secret), AuthMethod::ClientSecretBasic) => {
+            request = request.basic_auth(&s.client_id, Some(secret));
+        }
+        (Some(secret), AuthMethod::ClientSecretPost) => {
+            form.push(("client_id", &s.client_id));
+            form.push(("client_secret", secret));
+        }
+        (None, _) => form.push(("client_id", &s.client_id)),
+    }
+    match request.form(&form).send().await {
+        Ok(r) if r.status().is_success() => {}
+        Ok(r) => tracing::warn!(
+            status = r.status().as_u16(),
+            "openid-connect: token revocation refused"
+        ),
+        Err(e) => {
+            tracing::warn!(error = %transport(endpoint, &e), "openid-connect: token revocation failed")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_same_host_paths_are_return_targets() {
+        assert_eq!(same_site_target("/app/page?x=1"), "/app/page?x=1");
+        for evil in [
+            "//evil.com",
+            "/\\evil.com",
+            "https://evil.com",
+            "javascript:alert(1)",
+            "/a\r\nb",
+        ] {
+            assert_eq!(same_site_target(evil), "/", "{evil}");
+        }
+    }
+
+    #[test]
+    fn states_compare_in_constant_time_and_exactly() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"abcd"));
+    }
+}
