@@ -182,7 +182,7 @@ EOF
         uri: http://127.0.0.1:$AUTH_PORT/auth
         request_headers: [authorization]
         upstream_headers: [x-user-id]
-        cache: { ttl: 60 }
+        portcullis: { cache: { key_headers: [authorization], ttl: 60 } }
 EOF
     ;;
   esac

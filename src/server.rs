@@ -50,7 +50,7 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Serve
 }
 
 pub async fn serve(opts: Options) -> Result<(), ServeError> {
-    let (config, text, file) = match &opts.config {
+    let (mut config, text, file) = match &opts.config {
         Some(path) => {
             let (config, text) = FileConfig::load(path)?;
             (config, text, path.display().to_string())
@@ -76,6 +76,10 @@ pub async fn serve(opts: Options) -> Result<(), ServeError> {
         routes = runtime.snapshot().router.len(),
         "configuration loaded"
     );
+    // The store holds its own copy of the resources; with 100k consumers the parsed
+    // lists kept here for the process's lifetime would double the memory.
+    config.routes = Vec::new();
+    config.consumers = Vec::new();
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
@@ -151,9 +155,10 @@ pub async fn serve(opts: Options) -> Result<(), ServeError> {
     };
 
     let _watcher = match &opts.config {
-        Some(path) => Some(config_watch::spawn(path.clone(), text, store.clone())?),
+        Some(path) => Some(config_watch::spawn(path.clone(), &text, store.clone())?),
         None => None,
     };
+    drop(text);
     tracing::info!(grpc = %config.listen.grpc, http = %config.listen.http, "portcullis serving");
 
     shutdown_signal().await;

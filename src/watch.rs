@@ -19,8 +19,9 @@ pub struct ConfigWatcher {
     _watcher: notify::RecommendedWatcher,
 }
 
-/// Starts watching `path`; `loaded` is the text the store was built from.
-pub fn spawn(path: PathBuf, loaded: String, store: Arc<Store>) -> notify::Result<ConfigWatcher> {
+/// Starts watching `path`; `loaded` is the text the store was built from. Only its
+/// digest is kept: a large config need not stay in memory to detect a change.
+pub fn spawn(path: PathBuf, loaded: &str, store: Arc<Store>) -> notify::Result<ConfigWatcher> {
     let (tx, mut rx) = mpsc::unbounded_channel::<()>();
     let name = path.file_name().map(|n| n.to_owned());
     let event_tx = tx.clone();
@@ -55,8 +56,9 @@ pub fn spawn(path: PathBuf, loaded: String, store: Arc<Store>) -> notify::Result
         });
     }
 
+    let digest = |t: &str| <sha2::Sha256 as sha2::Digest>::digest(t.as_bytes());
+    let mut current = digest(loaded);
     tokio::spawn(async move {
-        let mut current = loaded;
         while rx.recv().await.is_some() {
             // Debounce: editors write in several steps.
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -68,7 +70,7 @@ pub fn spawn(path: PathBuf, loaded: String, store: Arc<Store>) -> notify::Result
                     continue;
                 }
             };
-            if text == current {
+            if digest(&text) == current {
                 continue;
             }
             let file = path.display().to_string();
@@ -96,7 +98,7 @@ pub fn spawn(path: PathBuf, loaded: String, store: Arc<Store>) -> notify::Result
                         .increment(1);
                 }
             }
-            current = text;
+            current = digest(&text);
         }
     });
     Ok(ConfigWatcher { _watcher: watcher })

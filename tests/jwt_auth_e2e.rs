@@ -193,22 +193,10 @@ async fn docs_carry_jwt_in_header_query_or_cookie() {
     assert_eq!(only.header("x-consumer-username"), Some("jack"));
 }
 
-/// The secret `$env://JACK_JWT_SECRET` is read from portcullis's environment, which
-/// it inherits from this test process.
-fn export_jack_secret() {
-    static EXPORT: std::sync::Once = std::sync::Once::new();
-    EXPORT.call_once(|| {
-        // SAFETY: set once, before this test starts portcullis; no other test in this
-        // binary reads or writes JACK_JWT_SECRET, and std serialises its own
-        // environment access (process spawning included) with this write.
-        unsafe { std::env::set_var("JACK_JWT_SECRET", DOC_SECRET) };
-    });
-}
-
 #[tokio::test]
 async fn docs_manage_secrets_in_environment_variables() {
-    export_jack_secret();
-    let stack = Stack::start("").await;
+    // portcullis reads `$env://JACK_JWT_SECRET` from its own environment.
+    let stack = Stack::start_with_env("", &[("JACK_JWT_SECRET", DOC_SECRET)]).await;
     let admin = stack.admin();
     docs_setup(
         &admin,

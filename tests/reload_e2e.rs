@@ -385,6 +385,23 @@ async fn a_stuck_portcullis_fails_closed_within_the_envoy_timeout() {
         assert!(ok.success(), "kill {sig} {pid}");
     };
     signal("-STOP");
+    // kill(1) returns once the signal is queued; under load the process may still
+    // answer a Check before every thread has stopped. Wait for the stopped state.
+    let stat = format!("/proc/{pid}/stat");
+    eventually(
+        Duration::from_secs(5),
+        "portcullis stopped by SIGSTOP",
+        || {
+            let stat = stat.clone();
+            async move {
+                std::fs::read_to_string(&stat)
+                    .ok()
+                    .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| rest.starts_with('T')))
+                    .unwrap_or(false)
+            }
+        },
+    )
+    .await;
     let started = std::time::Instant::now();
     let reply = stack.get("/stable/a").await;
     let took = started.elapsed();

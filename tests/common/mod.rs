@@ -170,8 +170,17 @@ impl Stack {
 
     /// The whole stack with another shipped Envoy config.
     pub async fn start_with(envoy_config: &str, portcullis_yaml: &str) -> Self {
+        Self::start_full(envoy_config, portcullis_yaml, &[]).await
+    }
+
+    /// The default stack, with extra environment for portcullis (`$env://` secrets).
+    pub async fn start_with_env(portcullis_yaml: &str, env: &[(&str, &str)]) -> Self {
+        Self::start_full(ENVOY_GRPC, portcullis_yaml, env).await
+    }
+
+    async fn start_full(envoy_config: &str, portcullis_yaml: &str, env: &[(&str, &str)]) -> Self {
         let upstream = EchoUpstream::start();
-        let portcullis = Portcullis::start(portcullis_yaml).await;
+        let portcullis = Portcullis::start_with_env(portcullis_yaml, env).await;
         let ports = EnvoyPorts::new(upstream.port, portcullis.ports.grpc, portcullis.ports.http);
         let envoy = Envoy::start(envoy_config, ports).await;
         Stack {

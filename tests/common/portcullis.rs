@@ -38,17 +38,28 @@ pub struct Portcullis {
     /// Output of earlier runs of this instance (before `restart`), oldest first.
     earlier_output: String,
     dir: Option<TempDir>,
+    /// Extra environment for the process (e.g. `$env://` secrets).
+    env: Vec<(String, String)>,
 }
 
 impl Portcullis {
     /// Writes `yaml` as [`Portcullis::render`] completes it to `<dir>/portcullis.yaml`,
     /// starts the binary on it and returns once `/readyz` answers 200.
     pub async fn start(yaml: &str) -> Self {
+        Self::start_with_env(yaml, &[]).await
+    }
+
+    /// [`Portcullis::start`] with extra environment variables for the process.
+    pub async fn start_with_env(yaml: &str, env: &[(&str, &str)]) -> Self {
         let mut p = Portcullis {
             ports: PortcullisPorts::fresh(),
             process: None,
             earlier_output: String::new(),
             dir: Some(test_dir("portcullis")),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         for attempt in 1..=3 {
             p.write_config(yaml);
@@ -198,7 +209,8 @@ impl Portcullis {
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
             )
-            .env("RUST_BACKTRACE", "1");
+            .env("RUST_BACKTRACE", "1")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         // The log file is appended to across restarts; `output()` reads it once.
         let _ = std::fs::remove_file(self.dir().join("portcullis.log"));
         self.process = Some(Logged::spawn("portcullis", cmd, self.dir()));
