@@ -14,6 +14,7 @@
 mod admin;
 mod echo;
 pub mod envoy;
+pub mod oidc_provider;
 mod portcullis;
 mod process;
 
