@@ -90,7 +90,11 @@ impl Rig {
         } else {
             self.url(path_or_url)
         };
-        let response = browser.get(url).send().await.expect("request through Envoy");
+        let response = browser
+            .get(url)
+            .send()
+            .await
+            .expect("request through Envoy");
         Reply::read(response).await
     }
 
@@ -107,10 +111,7 @@ impl Rig {
     /// A whole login ending on the upstream at `path`.
     async fn log_in(&self, browser: &reqwest::Client, path: &str, user: &str) -> Reply {
         let callback = self.to_callback(browser, path, user).await;
-        assert!(
-            callback.starts_with(&self.url("/callback?")),
-            "{callback}"
-        );
+        assert!(callback.starts_with(&self.url("/callback?")), "{callback}");
         let r = self.get(browser, &callback).await;
         assert_eq!(r.status, 302, "{r:?}\n{}", self.logs());
         assert_eq!(r.header("location"), Some(path), "back where the user was");
@@ -225,9 +226,17 @@ async fn login_reaches_the_upstream_with_identity_headers_then_logout_ends_it() 
     let r = rig.get(&browser, "/logout").await;
     assert_eq!(r.status, 302, "{r:?}");
     let end_session = url::Url::parse(r.header("location").unwrap()).unwrap();
-    assert!(end_session.as_str().starts_with(&rig.op.url("/session/end")));
+    assert!(
+        end_session
+            .as_str()
+            .starts_with(&rig.op.url("/session/end"))
+    );
     let q: std::collections::HashMap<_, _> = end_session.query_pairs().into_owned().collect();
-    assert!(q.get("id_token_hint").is_some_and(|h| h.split('.').count() == 3), "{end_session}");
+    assert!(
+        q.get("id_token_hint")
+            .is_some_and(|h| h.split('.').count() == 3),
+        "{end_session}"
+    );
     assert_eq!(q["post_logout_redirect_uri"], rig.url("/logged-out"));
     assert!(
         set_cookies(&r)

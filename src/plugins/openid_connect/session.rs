@@ -7,6 +7,12 @@
 //! can hold is split into numbered chunks: the first cookie says how many there are, and
 //! a missing, extra or reordered chunk fails authentication like any tampering — the user
 //! simply logs in again, the Check never fails with a 5xx.
+//!
+//! The lifetime rules are lua-resty-session 4's, as APISIX configures them: a session
+//! ends `absolute_timeout` after the login whatever happens, and earlier when it was not
+//! used for `idling_timeout` or not renewed for `rolling_timeout`. Only the browser can
+//! hold the clocks, so a session in use is re-sent (renewed) now and then; [`Lifetime`]
+//! decides both from an explicit `now`, which is what its tests inject.
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use base64::Engine;
@@ -210,6 +216,131 @@ fn set_cookie(name: &str, value: &str, attrs: &CookieAttrs, max_age: Option<u64>
     c
 }
 
+/// Compiled `session.*` settings: the sealer, the cookie's name and attributes, and the
+/// lifetime rules.
+#[derive(Debug)]
+pub struct SessionConfig {
+    pub sealer: Sealer,
+    pub cookie_name: String,
+    /// The short-lived cookie of a login in progress.
+    pub login_cookie: String,
+    pub attrs: CookieAttrs,
+    pub lifetime: Lifetime,
+}
+
+impl SessionConfig {
+    pub fn compile(s: &super::SessionSettings) -> Result<Self, String> {
+        if s.secret.chars().count() < 16 {
+            return Err("property \"session.secret\" must be at least 16 characters".into());
+        }
+        let cookie_name = s.cookie_name.clone().unwrap_or_else(|| "session".into());
+        if !crate::decision::is_safe_header_name(&cookie_name) || cookie_name.contains(['=', ';']) {
+            return Err("property \"session.cookie_name\" is not a valid cookie name".into());
+        }
+        let same_site = match s.cookie_same_site.as_deref() {
+            None => Some("Lax".to_owned()),
+            Some("Default") => None,
+            Some(v @ ("Strict" | "Lax" | "None")) => Some(v.to_owned()),
+            Some(other) => {
+                return Err(format!(
+                    "property \"session.cookie_same_site\" must be Strict, Lax, None or Default, got \"{other}\""
+                ));
+            }
+        };
+        let path = s.cookie_path.clone().unwrap_or_else(|| "/".into());
+        let domain = s.cookie_domain.clone();
+        for (field, value) in [
+            ("cookie_path", Some(&path)),
+            ("cookie_domain", domain.as_ref()),
+        ] {
+            if value.is_some_and(|v| {
+                v.is_empty() || v.contains([';', ',']) || !crate::decision::is_safe_header_value(v)
+            }) {
+                return Err(format!(
+                    "property \"session.{field}\" is not a valid cookie attribute"
+                ));
+            }
+        }
+        let secure = s
+            .cookie_secure
+            .unwrap_or(same_site.as_deref() == Some("None"));
+        let seconds = |v: Option<u64>, default: u64| v.unwrap_or(default) as i64;
+        Ok(SessionConfig {
+            sealer: Sealer::new(&s.secret),
+            login_cookie: format!("{cookie_name}_login"),
+            cookie_name,
+            attrs: CookieAttrs {
+                path,
+                domain,
+                secure,
+                http_only: s.cookie_http_only.unwrap_or(true),
+                same_site,
+            },
+            lifetime: Lifetime {
+                idling: seconds(s.idling_timeout, 900),
+                rolling: seconds(s.rolling_timeout, 3600),
+                absolute: seconds(
+                    s.absolute_timeout
+                        .or(s.cookie.as_ref().and_then(|c| c.lifetime)),
+                    86400,
+                ),
+            },
+        })
+    }
+}
+
+/// lua-resty-session 4's three timeouts, in seconds; 0 switches one off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lifetime {
+    pub idling: i64,
+    pub rolling: i64,
+    pub absolute: i64,
+}
+
+/// What a session's clocks say at `now`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Age {
+    /// Valid; `renew` asks for the cookie to be re-sent to move the idle and rolling clocks.
+    Live { renew: bool },
+    /// Over one of its timeouts: log in again.
+    Expired(&'static str),
+}
+
+impl Lifetime {
+    /// `created`: the login; `renewed`: the last time the cookie was re-sent.
+    pub fn age(&self, created: i64, renewed: i64, now: i64) -> Age {
+        if self.absolute > 0 && now - created >= self.absolute {
+            return Age::Expired("absolute_timeout");
+        }
+        if self.idling > 0 && now - renewed >= self.idling {
+            return Age::Expired("idling_timeout");
+        }
+        if self.rolling > 0 && now - renewed >= self.rolling {
+            return Age::Expired("rolling_timeout");
+        }
+        Age::Live {
+            renew: now - renewed >= self.renew_interval(),
+        }
+    }
+
+    /// How often a session in use is re-sent: often enough that a user who keeps
+    /// clicking never meets the idle or rolling limit, rarely enough that most requests
+    /// carry no `Set-Cookie`.
+    fn renew_interval(&self) -> i64 {
+        [self.idling, self.rolling]
+            .into_iter()
+            .filter(|t| *t > 0)
+            .map(|t| t / 4)
+            .fold(60, i64::min)
+            .max(1)
+    }
+
+    /// `Max-Age` of a cookie saved at `now`: what is left of the absolute lifetime.
+    pub fn max_age(&self, created: i64, now: i64) -> Option<u64> {
+        (self.absolute > 0).then(|| (created + self.absolute - now).max(0) as u64)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -301,5 +432,91 @@ mod tests {
         assert!(cookies[1].starts_with("s_2=; Path=/; Max-Age=0"));
         assert!(cookies[0].contains("Max-Age=60; Secure; HttpOnly; SameSite=Lax"));
         assert!(is_chunk_of("s_2", "s") && is_chunk_of("s", "s") && !is_chunk_of("s_x", "s"));
+    }
+
+    fn lifetime() -> Lifetime {
+        Lifetime {
+            idling: 900,
+            rolling: 3600,
+            absolute: 86400,
+        }
+    }
+
+    #[test]
+    fn idle_sessions_expire_and_used_ones_are_renewed() {
+        let l = lifetime();
+        let t0 = 1_000_000;
+        assert_eq!(l.age(t0, t0, t0), Age::Live { renew: false });
+        assert_eq!(l.age(t0, t0, t0 + 59), Age::Live { renew: false });
+        assert_eq!(l.age(t0, t0, t0 + 60), Age::Live { renew: true });
+        assert_eq!(l.age(t0, t0, t0 + 899), Age::Live { renew: true });
+        assert_eq!(l.age(t0, t0, t0 + 900), Age::Expired("idling_timeout"));
+        // Renewed a minute ago: the idle clock restarted.
+        assert_eq!(l.age(t0, t0 + 880, t0 + 940), Age::Live { renew: true });
+    }
+
+    #[test]
+    fn rolling_and_absolute_timeouts_bound_even_a_busy_session() {
+        let busy = Lifetime {
+            idling: 0,
+            rolling: 600,
+            absolute: 3000,
+        };
+        let t0 = 5_000;
+        assert_eq!(busy.age(t0, t0, t0 + 599), Age::Live { renew: true });
+        assert_eq!(busy.age(t0, t0, t0 + 600), Age::Expired("rolling_timeout"));
+        // Renewed every few minutes, it still ends at the absolute limit.
+        assert_eq!(
+            busy.age(t0, t0 + 2950, t0 + 2999),
+            Age::Live { renew: false }
+        );
+        assert_eq!(
+            busy.age(t0, t0 + 2950, t0 + 3000),
+            Age::Expired("absolute_timeout")
+        );
+        assert_eq!(busy.max_age(t0, t0 + 1000), Some(2000));
+        assert_eq!(busy.max_age(t0, t0 + 4000), Some(0));
+        let off = Lifetime {
+            idling: 0,
+            rolling: 0,
+            absolute: 0,
+        };
+        assert_eq!(off.age(0, 0, 10_000_000), Age::Live { renew: true });
+        assert_eq!(off.max_age(0, 5), None);
+    }
+
+    #[test]
+    fn short_timeouts_renew_sooner() {
+        let short = Lifetime {
+            idling: 20,
+            rolling: 3600,
+            absolute: 86400,
+        };
+        assert_eq!(short.age(0, 0, 4), Age::Live { renew: false });
+        assert_eq!(short.age(0, 0, 5), Age::Live { renew: true });
+    }
+
+    #[test]
+    fn session_settings_compile_with_apisix_defaults() {
+        let settings: super::super::SessionSettings =
+            serde_json::from_value(serde_json::json!({ "secret": "0123456789abcdef" })).unwrap();
+        let cfg = SessionConfig::compile(&settings).unwrap();
+        assert_eq!(cfg.cookie_name, "session");
+        assert_eq!(cfg.lifetime, lifetime());
+        assert!(cfg.attrs.http_only && !cfg.attrs.secure);
+        assert_eq!(cfg.attrs.same_site.as_deref(), Some("Lax"));
+        let legacy: super::super::SessionSettings = serde_json::from_value(
+            serde_json::json!({ "secret": "0123456789abcdef", "cookie": { "lifetime": 42 },
+                                "cookie_same_site": "None" }),
+        )
+        .unwrap();
+        let cfg = SessionConfig::compile(&legacy).unwrap();
+        assert_eq!(cfg.lifetime.absolute, 42);
+        assert!(cfg.attrs.secure, "SameSite=None needs Secure");
+        let bad: super::super::SessionSettings = serde_json::from_value(
+            serde_json::json!({ "secret": "0123456789abcdef", "cookie_path": "/; Domain=evil" }),
+        )
+        .unwrap();
+        assert!(SessionConfig::compile(&bad).is_err());
     }
 }
