@@ -13,6 +13,7 @@ use common::oidc_provider::{ClientSettings, OidcProvider, ProviderSettings, brow
 use common::{
     ENVOY_GRPC, EchoUpstream, Envoy, EnvoyPorts, Portcullis, Reply, Stack, free_port, http_client,
 };
+use reqwest::cookie::CookieStore;
 use serde_json::{Value, json};
 
 const CLIENT_ID: &str = "portcullis-app";
@@ -255,5 +256,393 @@ async fn login_reaches_the_upstream_with_identity_headers_then_logout_ends_it() 
             .unwrap()
             .starts_with(&rig.op.url("/auth"))
     );
-    let _ = Duration::from_secs(1);
+}
+
+/// A browser whose cookie jar the test can read and fill.
+struct Jarred {
+    client: reqwest::Client,
+    jar: std::sync::Arc<reqwest::cookie::Jar>,
+}
+
+impl Jarred {
+    fn new() -> Self {
+        let jar = std::sync::Arc::new(reqwest::cookie::Jar::default());
+        let client = reqwest::Client::builder()
+            .cookie_provider(jar.clone())
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(Duration::from_secs(10))
+            .build()
+            .expect("reqwest client");
+        Jarred { client, jar }
+    }
+
+    /// The value of cookie `name` the browser would send to `url`.
+    fn cookie(&self, url: &str, name: &str) -> Option<String> {
+        let header = self.jar.cookies(&url.parse().unwrap())?;
+        header
+            .to_str()
+            .unwrap()
+            .split("; ")
+            .find_map(|c| c.strip_prefix(&format!("{name}=")).map(str::to_owned))
+    }
+
+    fn add(&self, url: &str, set_cookie: &str) {
+        self.jar.add_cookie_str(set_cookie, &url.parse().unwrap());
+    }
+}
+
+fn confidential_client() -> ClientSettings {
+    ClientSettings::confidential(CLIENT_ID, CLIENT_SECRET)
+}
+
+#[tokio::test]
+async fn an_expired_access_token_is_refreshed_and_a_failed_refresh_logs_in_again() {
+    // Access tokens live 30 s; with a 28 s leeway portcullis renews them after 2 s.
+    let rig = Rig::start(
+        ProviderSettings::default().ttl("AccessToken", 30),
+        json!({ "access_token_expires_leeway": 28, "set_refresh_token_header": true }),
+    )
+    .await;
+    let b = Jarred::new();
+    let first = rig.log_in(&b.client, "/app", "bob").await.echoed();
+    let token1 = first.header("x-access-token").unwrap().to_owned();
+    let refresh1 = first.header("x-refresh-token").unwrap().to_owned();
+
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let r = rig.get(&b.client, "/app").await;
+    let renewed = set_cookies(&r);
+    let seen = r.echoed();
+    let token2 = seen.header("x-access-token").unwrap().to_owned();
+    assert_ne!(token1, token2, "a new access token from the token endpoint");
+    assert!(
+        renewed.iter().any(|c| c.starts_with("session=")),
+        "the renewed session reaches the browser on the allowed answer: {renewed:?}"
+    );
+    assert_eq!(
+        decode_header(seen.header("x-id-token").unwrap())["sub"],
+        "bob"
+    );
+    // The new session is the one the browser now holds.
+    let r = rig.get(&b.client, "/app").await;
+    assert_eq!(r.echoed().header("x-access-token"), Some(token2.as_str()));
+
+    // The OP forgets the grant: the next renewal fails and the user logs in again.
+    let refresh2 = r.echoed().header("x-refresh-token").unwrap().to_owned();
+    for token in [&refresh1, &refresh2] {
+        let revoked = reqwest::Client::new()
+            .post(rig.op.url("/token/revocation"))
+            .basic_auth(CLIENT_ID, Some(CLIENT_SECRET))
+            .form(&[("token", token.as_str())])
+            .send()
+            .await
+            .unwrap();
+        assert!(revoked.status().is_success());
+    }
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let r = rig.get(&b.client, "/app").await;
+    assert_eq!(r.status, 302, "{r:?}");
+    assert!(
+        r.header("location")
+            .unwrap()
+            .starts_with(&rig.op.url("/auth"))
+    );
+}
+
+#[tokio::test]
+async fn a_forged_or_replayed_callback_never_logs_anyone_in() {
+    let rig = Rig::start(ProviderSettings::default(), json!({})).await;
+
+    // The attacker's own code and state, from their own login at the OP.
+    let attacker = browser();
+    let attacker_callback = rig.to_callback(&attacker, "/app", "mallory").await;
+    let attacker_url = url::Url::parse(&attacker_callback).unwrap();
+    let code = attacker_url
+        .query_pairs()
+        .find(|(k, _)| k == "code")
+        .unwrap()
+        .1
+        .into_owned();
+
+    // A victim with no login in progress: 401.
+    let victim = browser();
+    let r = rig.get(&victim, &attacker_callback).await;
+    assert_eq!(r.status, 401, "{r:?}");
+
+    // A victim mid-login: the state does not match theirs, so the login restarts (a new
+    // state each time) and after three restarts it is refused.
+    let r = rig.get(&victim, "/app").await;
+    assert_eq!(r.status, 302);
+    for _ in 0..3 {
+        let r = rig.get(&victim, &attacker_callback).await;
+        assert_eq!(r.status, 302, "{r:?}");
+        assert!(
+            r.header("location")
+                .unwrap()
+                .starts_with(&rig.op.url("/auth"))
+        );
+    }
+    let r = rig.get(&victim, &attacker_callback).await;
+    assert_eq!(r.status, 401, "{r:?}");
+    assert!(!r.reached_upstream());
+
+    // None of this spent the attacker's code: portcullis never went to the token endpoint.
+    let (status, body) = rig
+        .op
+        .token_request(
+            &confidential_client(),
+            &[
+                ("grant_type", "authorization_code"),
+                ("code", &code),
+                ("redirect_uri", &rig.url("/callback")),
+            ],
+        )
+        .await;
+    assert_eq!(status, 200, "the code was still unused: {body}");
+
+    // A replayed callback: the login cookie is gone after use; with a copy of it the code
+    // is refused by the OP.
+    let b = Jarred::new();
+    let r = rig.get(&b.client, "/app").await;
+    let login_cookie = set_cookies(&r)
+        .into_iter()
+        .find(|c| c.starts_with("session_login="))
+        .expect("login cookie");
+    let authorize = r.header("location").unwrap().to_owned();
+    let callback = rig.op.log_in(&b.client, &authorize, "alice").await;
+    let r = rig.get(&b.client, &callback).await;
+    assert_eq!(r.status, 302);
+    let r = rig.get(&b.client, &callback).await;
+    assert_eq!(r.status, 401, "the login cookie was consumed: {r:?}");
+    let thief = Jarred::new();
+    thief.add(&rig.app, &login_cookie);
+    let r = rig.get(&thief.client, &callback).await;
+    assert_eq!(r.status, 401, "the OP refuses a used code: {r:?}");
+    assert!(thief.cookie(&rig.app, "session").is_none());
+}
+
+#[tokio::test]
+async fn a_tampered_session_cookie_is_no_session() {
+    let rig = Rig::start(ProviderSettings::default(), json!({})).await;
+    let b = Jarred::new();
+    rig.log_in(&b.client, "/app", "alice").await;
+    let value = b.cookie(&rig.app, "session").expect("session cookie");
+
+    let mut flipped = value.clone().into_bytes();
+    let i = flipped.len() / 2;
+    flipped[i] = if flipped[i] == b'A' { b'B' } else { b'A' };
+    let flipped = String::from_utf8(flipped).unwrap();
+    for forged in [
+        flipped.as_str(),
+        &value[..value.len() - 10],
+        "1.AAAA",
+        "9.garbage",
+        "",
+    ] {
+        let r = rig
+            .stack
+            .send(
+                http_client()
+                    .get(rig.url("/app"))
+                    .header("cookie", format!("session={forged}")),
+            )
+            .await;
+        assert_eq!(r.status, 302, "{forged:?} → {r:?}");
+        assert!(!r.reached_upstream());
+    }
+    // The genuine one still works, from any client (nothing is held server-side).
+    let r = rig
+        .stack
+        .send(
+            http_client()
+                .get(rig.url("/app"))
+                .header("cookie", format!("session={value}")),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+}
+
+#[tokio::test]
+async fn a_large_session_is_chunked_into_cookies_and_reassembled() {
+    let bio = "portcullis ".repeat(400);
+    let rig = Rig::start(
+        ProviderSettings {
+            conform_id_token_claims: Some(false),
+            ..ProviderSettings::default()
+        }
+        .account("carol", json!({ "bio": bio })),
+        json!({}),
+    )
+    .await;
+    let b = Jarred::new();
+    let r = rig.get(&b.client, "/app").await;
+    let callback = rig
+        .op
+        .log_in(&b.client, r.header("location").unwrap(), "carol")
+        .await;
+    let r = rig.get(&b.client, &callback).await;
+    assert_eq!(r.status, 302, "{r:?}");
+    let chunks: Vec<String> = set_cookies(&r)
+        .into_iter()
+        .filter(|c| c.starts_with("session=") || c.starts_with("session_"))
+        .filter(|c| !c.starts_with("session_login"))
+        .collect();
+    assert!(chunks.len() >= 3, "{chunks:?}");
+    assert!(chunks.iter().all(|c| c.len() < 4096));
+    assert!(b.cookie(&rig.app, "session_3").is_some());
+
+    let r = rig.get(&b.client, "/app").await;
+    let seen = r.echoed();
+    assert_eq!(
+        decode_header(seen.header("x-id-token").unwrap())["bio"],
+        bio.as_str()
+    );
+    assert_eq!(
+        decode_header(seen.header("x-userinfo").unwrap())["bio"],
+        bio.as_str()
+    );
+    let cookie = seen.header("cookie").unwrap_or_default();
+    assert!(
+        !cookie
+            .split("; ")
+            .any(|c| c.starts_with("session=") || c.starts_with("session_")),
+        "no chunk reaches the upstream (the OP's own `_session` may): {cookie}"
+    );
+
+    // A missing chunk is no session.
+    let all = b.jar.cookies(&rig.app.parse().unwrap()).unwrap();
+    let without_2: Vec<&str> = all
+        .to_str()
+        .unwrap()
+        .split("; ")
+        .filter(|c| !c.starts_with("session_2="))
+        .collect();
+    let r = rig
+        .stack
+        .send(
+            http_client()
+                .get(rig.url("/app"))
+                .header("cookie", without_2.join("; ")),
+        )
+        .await;
+    assert_eq!(r.status, 302, "{r:?}");
+
+    // Logout clears every chunk.
+    let r = rig.get(&b.client, "/logout").await;
+    let cleared: Vec<String> = set_cookies(&r)
+        .into_iter()
+        .filter(|c| c.contains("Max-Age=0"))
+        .collect();
+    assert!(cleared.len() >= 3, "{cleared:?}");
+    assert!(b.cookie(&rig.app, "session").is_none());
+    assert!(b.cookie(&rig.app, "session_2").is_none());
+}
+
+#[tokio::test]
+async fn unauth_action_deny_pass_and_api_clients() {
+    let deny = Rig::start(
+        ProviderSettings::default(),
+        json!({ "unauth_action": "deny" }),
+    )
+    .await;
+    let r = deny.get(&browser(), "/app").await;
+    assert_eq!(r.status, 401, "{r:?}");
+    assert!(!r.reached_upstream());
+
+    let pass = Rig::start(
+        ProviderSettings::default(),
+        json!({ "unauth_action": "pass" }),
+    )
+    .await;
+    let r = pass
+        .stack
+        .send(
+            http_client()
+                .get(pass.url("/app"))
+                .header("X-Userinfo", "forged")
+                .header("cookie", "session=1.garbage; other=1"),
+        )
+        .await;
+    let seen = r.echoed();
+    assert_eq!(seen.header("x-userinfo"), None);
+    assert_eq!(seen.header("x-id-token"), None);
+    assert_eq!(seen.header("cookie"), Some("other=1"));
+
+    // auth (the default): a browser is redirected, an API client asking for JSON is not.
+    let auth = Rig::start(ProviderSettings::default(), json!({})).await;
+    let r = auth
+        .stack
+        .send(
+            http_client()
+                .get(auth.url("/api"))
+                .header("accept", "application/json"),
+        )
+        .await;
+    assert_eq!(r.status, 401, "{r:?}");
+    assert_eq!(
+        r.header("www-authenticate"),
+        Some("Bearer realm=\"apisix\"")
+    );
+    let r = auth
+        .stack
+        .send(http_client().get(auth.url("/page")).header(
+            "accept",
+            "text/html,application/xhtml+xml,application/json;q=0.9",
+        ))
+        .await;
+    assert_eq!(r.status, 302, "{r:?}");
+}
+
+#[tokio::test]
+async fn redirects_never_leave_the_site() {
+    let rig = Rig::start(ProviderSettings::default(), json!({})).await;
+    let port: u16 = rig.app.rsplit(':').next().unwrap().parse().unwrap();
+    for target in ["//evil.com/x", "/\\evil.com/x", "/%2F%2Fevil.com"] {
+        let answer = common::raw_get(port, target).await;
+        let status = common::raw_status(&answer);
+        if status == 307 {
+            // Envoy's own answer to escaped slashes: a same-site path.
+            assert!(answer.contains("\nlocation: /evil.com\r"), "{answer}");
+            continue;
+        }
+        if status != 302 {
+            assert!(status >= 400, "{target}: {answer}");
+            continue;
+        }
+        let b = Jarred::new();
+        let mut authorize = None;
+        for line in answer.lines() {
+            let lower = line.to_ascii_lowercase();
+            if lower.starts_with("set-cookie:") {
+                b.add(&rig.app, line["set-cookie:".len()..].trim());
+            } else if lower.starts_with("location:") {
+                authorize = Some(line["location:".len()..].trim().to_owned());
+            }
+        }
+        let authorize = authorize.expect("Location");
+        let callback = rig.op.log_in(&b.client, &authorize, "alice").await;
+        let r = rig.get(&b.client, &callback).await;
+        assert_eq!(r.status, 302, "{r:?}");
+        let back = r.header("location").unwrap();
+        assert!(
+            back.starts_with('/') && !back.starts_with("//") && !back.starts_with("/\\"),
+            "{target} → {back}"
+        );
+    }
+
+    // Logout never redirects where the query says.
+    let b = Jarred::new();
+    rig.log_in(&b.client, "/app", "alice").await;
+    let r = rig
+        .get(
+            &b.client,
+            "/logout?post_logout_redirect_uri=https%3A%2F%2Fevil.com&redirect_uri=https%3A%2F%2Fevil.com",
+        )
+        .await;
+    assert_eq!(r.status, 302);
+    let location = r.header("location").unwrap();
+    assert!(
+        location.starts_with(&rig.op.url("/session/end")),
+        "{location}"
+    );
+    assert!(!location.contains("evil.com"), "{location}");
 }
