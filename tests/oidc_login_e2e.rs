@@ -646,3 +646,72 @@ async fn redirects_never_leave_the_site() {
     );
     assert!(!location.contains("evil.com"), "{location}");
 }
+
+#[tokio::test]
+async fn the_default_redirect_uri_is_the_path_plus_apisix_redirect() {
+    let rig = Rig::start(
+        ProviderSettings::default(),
+        json!({ "redirect_uri": null, "use_pkce": true }),
+    )
+    .await;
+    let b = browser();
+    let r = rig.get(&b, "/app").await;
+    assert_eq!(r.status, 302);
+    let authorize = url::Url::parse(r.header("location").unwrap()).unwrap();
+    let redirect_uri = authorize
+        .query_pairs()
+        .find(|(k, _)| k == "redirect_uri")
+        .unwrap()
+        .1
+        .into_owned();
+    assert_eq!(redirect_uri, rig.url("/app/.apisix/redirect"));
+    let callback = rig.op.log_in(&b, authorize.as_str(), "dave").await;
+    assert!(callback.starts_with(&redirect_uri), "{callback}");
+    let r = rig.get(&b, &callback).await;
+    assert_eq!(r.status, 302, "{r:?}\n{}", rig.logs());
+    assert_eq!(r.header("location"), Some("/app"));
+    let r = rig.get(&b, "/app").await;
+    assert_eq!(
+        decode_header(r.echoed().header("x-id-token").unwrap())["sub"],
+        "dave"
+    );
+}
+
+#[tokio::test]
+async fn an_error_from_the_op_is_a_clear_401() {
+    // prompt=none without a session at the OP: it answers error=login_required.
+    let rig = Rig::start(
+        ProviderSettings::default(),
+        json!({ "authorization_params": { "prompt": "none" } }),
+    )
+    .await;
+    let b = Jarred::new();
+    let callback = rig.to_callback(&b.client, "/app", "erin").await;
+    assert!(callback.contains("error=login_required"), "{callback}");
+    let r = rig.get(&b.client, &callback).await;
+    assert_eq!(r.status, 401, "{r:?}");
+    assert_eq!(
+        r.json(),
+        json!({ "message": "the OpenID Provider refused the login" })
+    );
+    assert!(
+        b.cookie(&rig.app, "session_login").is_none(),
+        "the failed login is forgotten"
+    );
+    assert!(b.cookie(&rig.app, "session").is_none());
+}
+
+#[tokio::test]
+async fn a_rotated_signing_key_is_fetched_on_the_next_login() {
+    let rig = Rig::start(ProviderSettings::default(), json!({})).await;
+    rig.log_in(&browser(), "/app", "frank").await;
+    // New keys only: the next ID token has a kid portcullis has never seen.
+    rig.op.rotate_keys(false).await;
+    // Unknown kids refetch the JWKS at most once a second.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let r = rig.log_in(&browser(), "/app", "frank").await;
+    assert_eq!(
+        decode_header(r.echoed().header("x-id-token").unwrap())["sub"],
+        "frank"
+    );
+}

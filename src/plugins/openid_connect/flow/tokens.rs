@@ -262,6 +262,9 @@ async fn verify_id_token(
             Err(ClaimsVerificationError::SignatureVerification(
                 SignatureVerificationError::NoMatchingKey,
             )) if !refetch => continue,
+            Err(ClaimsVerificationError::SignatureVerification(e)) => {
+                return Err(format!("signature verification failed: {e}"));
+            }
             Err(e) => return Err(e.to_string()),
         }
     }
