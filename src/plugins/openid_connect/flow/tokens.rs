@@ -313,3 +313,177 @@ fn signing_alg(alg: Algorithm) -> Option<CoreJwsSigningAlgorithm> {
         _ => return None,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::Engine;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use jsonwebtoken::{EncodingKey, Header};
+    use rsa::pkcs1::EncodeRsaPrivateKey;
+    use rsa::traits::PublicKeyParts;
+    use serde_json::{Value, json};
+
+    const ISSUER: &str = "https://op.test";
+    const CLIENT: &str = "app";
+
+    struct Op {
+        key: EncodingKey,
+        doc: Discovery,
+        plugin: Plugin,
+    }
+
+    /// An OP whose JWKS (one RSA key, kid "k1") sits in the cache under a URL of its own.
+    fn op(name: &str) -> Op {
+        let private = rsa::RsaPrivateKey::new(&mut rand_core_06(), 2048).unwrap();
+        let public = private.to_public_key();
+        let b64 = |b: Vec<u8>| URL_SAFE_NO_PAD.encode(b);
+        let jwks = json!({ "keys": [{
+            "kty": "RSA", "kid": "k1", "alg": "RS256", "use": "sig",
+            "n": b64(public.n().to_bytes_be()), "e": b64(public.e().to_bytes_be()),
+        }]});
+        // Port 9 (discard) is closed: a JWKS refetch fails fast instead of finding keys.
+        let jwks_uri = format!("http://127.0.0.1:9/{name}/jwks");
+        JWKS.insert(
+            jwks_uri.clone(),
+            (
+                Arc::new(serde_json::from_value(jwks).unwrap()),
+                Instant::now(),
+            ),
+        );
+        let pem = private.to_pkcs1_pem(Default::default()).unwrap();
+        let shared = crate::plugins::Shared::default();
+        let plugin = Plugin::compile(
+            &json!({ "client_id": CLIENT, "client_secret": "s3cr3t-s3cr3t-s3cr3t",
+                     "discovery": format!("{ISSUER}/.well-known/openid-configuration"),
+                     "session": { "secret": "0123456789abcdef" } }),
+            &crate::plugins::BuildContext { shared: &shared },
+        )
+        .unwrap();
+        Op {
+            key: EncodingKey::from_rsa_pem(pem.as_bytes()).unwrap(),
+            doc: Discovery {
+                issuer: ISSUER.into(),
+                authorization_endpoint: None,
+                token_endpoint: None,
+                userinfo_endpoint: None,
+                jwks_uri: Some(jwks_uri),
+                introspection_endpoint: None,
+                end_session_endpoint: None,
+                revocation_endpoint: None,
+            },
+            plugin,
+        }
+    }
+
+    /// rsa 0.9 takes a rand_core 0.6 RNG; the OS one needs no state.
+    fn rand_core_06() -> rsa::rand_core::OsRng {
+        rsa::rand_core::OsRng
+    }
+
+    fn claims(overrides: Value) -> Value {
+        let now = super::super::super::now();
+        let mut c = json!({ "iss": ISSUER, "aud": CLIENT, "sub": "alice", "nonce": "n-1",
+                            "iat": now, "exp": now + 300 });
+        for (k, v) in overrides.as_object().unwrap() {
+            if v.is_null() {
+                c.as_object_mut().unwrap().remove(k);
+            } else {
+                c[k] = v.clone();
+            }
+        }
+        c
+    }
+
+    fn sign(op: &Op, claims: &Value) -> String {
+        let mut header = Header::new(Algorithm::RS256);
+        header.kid = Some("k1".into());
+        jsonwebtoken::encode(&header, claims, &op.key).unwrap()
+    }
+
+    async fn verify(op: &Op, token: &str, nonce: Option<Option<&str>>) -> Result<String, String> {
+        let token: CoreIdToken = token.parse().map_err(|e| format!("unparsable: {e}"))?;
+        let http = reqwest::Client::new();
+        verify_id_token(&op.plugin, &op.doc, &http, &token, nonce)
+            .await
+            .map(|(sub, _)| sub)
+    }
+
+    #[tokio::test]
+    async fn a_genuine_id_token_passes() {
+        let op = op("genuine");
+        let token = sign(&op, &claims(json!({})));
+        assert_eq!(
+            verify(&op, &token, Some(Some("n-1"))).await.unwrap(),
+            "alice"
+        );
+        // Without use_nonce there is nothing to compare; a refresh neither.
+        assert!(verify(&op, &token, Some(None)).await.is_ok());
+        assert!(verify(&op, &token, None).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn wrong_claims_are_refused() {
+        let op = op("claims");
+        let now = super::super::super::now();
+        for (why, overrides, nonce) in [
+            ("wrong nonce", json!({}), Some("n-2")),
+            ("missing nonce", json!({ "nonce": null }), Some("n-1")),
+            (
+                "foreign issuer",
+                json!({ "iss": "https://evil.test" }),
+                Some("n-1"),
+            ),
+            ("other audience", json!({ "aud": "other-app" }), Some("n-1")),
+            ("expired", json!({ "exp": now - 1 }), Some("n-1")),
+            (
+                "issued an hour ago",
+                json!({ "iat": now - 3600, "exp": now + 60 }),
+                Some("n-1"),
+            ),
+            (
+                "issued in the future",
+                json!({ "iat": now + 3600, "exp": now + 7200 }),
+                Some("n-1"),
+            ),
+            ("no sub", json!({ "sub": null }), Some("n-1")),
+        ] {
+            let token = sign(&op, &claims(overrides));
+            assert!(
+                verify(&op, &token, Some(nonce)).await.is_err(),
+                "{why} must be refused"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn forged_signatures_are_refused() {
+        let op = op("forged");
+        let token = sign(&op, &claims(json!({})));
+        let parts: Vec<&str> = token.split('.').collect();
+        let other = URL_SAFE_NO_PAD.encode(claims(json!({ "sub": "admin" })).to_string());
+        let swapped = format!("{}.{other}.{}", parts[0], parts[2]);
+        assert!(verify(&op, &swapped, Some(Some("n-1"))).await.is_err());
+
+        let none_header = URL_SAFE_NO_PAD.encode(r#"{"alg":"none","kid":"k1"}"#);
+        let unsigned = format!("{none_header}.{}.", parts[1]);
+        assert!(verify(&op, &unsigned, Some(Some("n-1"))).await.is_err());
+
+        // HS256 keyed with the client secret is refused: portcullis only trusts the JWKS.
+        let mut header = Header::new(Algorithm::HS256);
+        header.kid = Some("k1".into());
+        let hs = jsonwebtoken::encode(
+            &header,
+            &claims(json!({})),
+            &EncodingKey::from_secret(b"s3cr3t-s3cr3t-s3cr3t"),
+        )
+        .unwrap();
+        assert!(verify(&op, &hs, Some(Some("n-1"))).await.is_err());
+
+        // A kid the JWKS does not have: one refetch (which fails here), then refused.
+        let mut header = Header::new(Algorithm::RS256);
+        header.kid = Some("unknown".into());
+        let unknown = jsonwebtoken::encode(&header, &claims(json!({})), &op.key).unwrap();
+        assert!(verify(&op, &unknown, Some(Some("n-1"))).await.is_err());
+    }
+}
