@@ -131,16 +131,34 @@ fn redirect_uri(plugin: &Plugin, cx: &Ctx<'_>) -> String {
     format!("{}://{}{path}", cx.req.scheme, cx.req.authority)
 }
 
+/// The OP's discovery document, refused unless its `issuer` is the one the discovery URL
+/// was built from (OpenID Connect Discovery §4.3): a document served elsewhere cannot
+/// make portcullis trust another issuer's ID tokens.
 async fn discovery(
     plugin: &Plugin,
     cx: &Ctx<'_>,
     http: &reqwest::Client,
 ) -> Result<std::sync::Arc<Discovery>, OpFailure> {
-    cx.shared
+    let url = &plugin.settings.discovery;
+    let doc = cx
+        .shared
         .openid_connect
-        .discovery(http, &plugin.settings.discovery)
+        .discovery(http, url)
         .await
-        .map_err(|e| OpFailure::Unavailable(e.to_string()))
+        .map_err(|e| OpFailure::Unavailable(e.to_string()))?;
+    if !issuer_matches(&doc.issuer, url) {
+        return Err(OpFailure::Unavailable(format!(
+            "the discovery document at {url} names issuer {}, not the one it was fetched for",
+            doc.issuer
+        )));
+    }
+    Ok(doc)
+}
+
+fn issuer_matches(issuer: &str, discovery_url: &str) -> bool {
+    discovery_url
+        .strip_prefix(issuer.trim_end_matches('/'))
+        .is_some_and(|rest| rest.starts_with("/.well-known/"))
 }
 
 async fn use_session(
@@ -697,6 +715,28 @@ mod tests {
         ] {
             assert_eq!(same_site_target(evil), "/", "{evil}");
         }
+    }
+
+    #[test]
+    fn the_discovered_issuer_must_be_the_configured_one() {
+        let d = "https://op.test/realms/a/.well-known/openid-configuration";
+        assert!(issuer_matches("https://op.test/realms/a", d));
+        assert!(issuer_matches("https://op.test/realms/a/", d));
+        assert!(!issuer_matches("https://op.test/realms/b", d));
+        assert!(!issuer_matches("https://op.test/realms", d));
+        assert!(!issuer_matches("https://evil.test", d));
+    }
+
+    #[test]
+    fn api_clients_get_a_401_and_browsers_a_redirect() {
+        assert!(wants_json(Some("application/json")));
+        assert!(wants_json(Some("application/problem+json, */*;q=0.1")));
+        assert!(!wants_json(Some(
+            "text/html,application/xhtml+xml,application/json;q=0.9,*/*;q=0.8"
+        )));
+        assert!(!wants_json(Some("*/*")));
+        assert!(!wants_json(None));
+        assert!(!wants_json(Some("application/json;q=0, text/html")));
     }
 
     #[test]

@@ -425,6 +425,22 @@ mod tests {
     }
 
     #[test]
+    fn replicas_with_the_same_secret_share_sessions() {
+        let cookies = write(
+            &Sealer::new("shared-by-every-replica"),
+            "session",
+            &"alice",
+            &attrs(),
+            None,
+            0,
+        );
+        let (h, e) = request_with(&cookies);
+        let other_replica = Sealer::new("shared-by-every-replica");
+        let back: String = read(&other_replica, &req(&h, &e), "session").unwrap();
+        assert_eq!(back, "alice");
+    }
+
+    #[test]
     fn shrinking_a_session_expires_the_extra_chunks() {
         let sealer = Sealer::new("a-secret-of-sixteen+");
         let cookies = write(&sealer, "s", &"small", &attrs(), Some(60), 3);
