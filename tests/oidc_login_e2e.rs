@@ -715,3 +715,197 @@ async fn a_rotated_signing_key_is_fetched_on_the_next_login() {
         "frank"
     );
 }
+
+/// chromedriver in its own process group, so dropping it also ends the Chromium it
+/// started.
+struct ChromeDriver {
+    child: std::process::Child,
+    port: u16,
+    _profile: tempfile::TempDir,
+}
+
+impl Drop for ChromeDriver {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", self.child.id())])
+            .status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn on_path(bin: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|p| p.join(bin).is_file()))
+}
+
+/// A WebDriver command; panics with the driver's answer on failure.
+async fn webdriver(
+    http: &reqwest::Client,
+    method: reqwest::Method,
+    url: String,
+    body: Option<Value>,
+) -> Value {
+    let mut request = http.request(method, &url);
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let response = request.send().await.expect("chromedriver answers");
+    let status = response.status();
+    let answer: Value = response.json().await.expect("JSON from chromedriver");
+    assert!(status.is_success(), "{url}: {status} {answer}");
+    answer["value"].clone()
+}
+
+#[tokio::test]
+async fn headless_chromium_logs_in_through_envoy() {
+    if !on_path("chromium") || !on_path("chromedriver") {
+        eprintln!(
+            "SKIPPED headless_chromium_logs_in_through_envoy: Debian `chromium` and \
+             `chromium-driver` are not installed (apt-get install -y chromium chromium-driver)"
+        );
+        return;
+    }
+    let rig = Rig::start(ProviderSettings::default(), json!({ "use_pkce": true })).await;
+    let port = free_port();
+    let profile = tempfile::tempdir().expect("profile directory");
+    let mut cmd = std::process::Command::new("chromedriver");
+    cmd.arg(format!("--port={port}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    let driver = ChromeDriver {
+        child: cmd.spawn().expect("start chromedriver"),
+        port,
+        _profile: profile,
+    };
+    let http = http_client();
+    let base = format!("http://127.0.0.1:{}", driver.port);
+    common::eventually(Duration::from_secs(20), "chromedriver ready", || {
+        let http = http.clone();
+        let url = format!("{base}/status");
+        async move {
+            match http.get(url).send().await {
+                Ok(r) => r
+                    .json::<Value>()
+                    .await
+                    .is_ok_and(|v| v["value"]["ready"] == true),
+                Err(_) => false,
+            }
+        }
+    })
+    .await;
+    let session = webdriver(
+        &http,
+        reqwest::Method::POST,
+        format!("{base}/session"),
+        Some(json!({ "capabilities": { "alwaysMatch": {
+            "browserName": "chrome",
+            "goog:chromeOptions": { "args": [
+                "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                "--no-first-run", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync",
+                format!("--user-data-dir={}", driver._profile.path().display()),
+            ]}
+        }}})),
+    )
+    .await;
+    let id = session["sessionId"].as_str().expect("sessionId").to_owned();
+    let s = format!("{base}/session/{id}");
+    let find = |css: &str| {
+        let (http, s, css) = (http.clone(), s.clone(), css.to_owned());
+        async move {
+            let found = http
+                .post(format!("{s}/element"))
+                .json(&json!({ "using": "css selector", "value": css }))
+                .send()
+                .await
+                .ok()?;
+            if !found.status().is_success() {
+                return None;
+            }
+            let v: Value = found.json().await.ok()?;
+            v["value"]
+                .as_object()?
+                .values()
+                .next()?
+                .as_str()
+                .map(str::to_owned)
+        }
+    };
+
+    webdriver(
+        &http,
+        reqwest::Method::POST,
+        format!("{s}/url"),
+        Some(json!({ "url": rig.url("/app/browser") })),
+    )
+    .await;
+    let mut page = String::new();
+    for _ in 0..40 {
+        page = webdriver(&http, reqwest::Method::GET, format!("{s}/source"), None)
+            .await
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        if page.contains("x-id-token") {
+            break;
+        }
+        if page.contains(r#"name="prompt" value="login""#)
+            && let Some(login) = find("input[name=login]").await
+        {
+            for (field, text) in [(login, "grace")] {
+                webdriver(
+                    &http,
+                    reqwest::Method::POST,
+                    format!("{s}/element/{field}/value"),
+                    Some(json!({ "text": text })),
+                )
+                .await;
+            }
+            if let Some(password) = find("input[name=password]").await {
+                webdriver(
+                    &http,
+                    reqwest::Method::POST,
+                    format!("{s}/element/{password}/value"),
+                    Some(json!({ "text": "any password" })),
+                )
+                .await;
+            }
+        }
+        if (page.contains(r#"name="prompt" value="login""#)
+            || page.contains(r#"name="prompt" value="consent""#))
+            && let Some(button) = find("button[type=submit]").await
+        {
+            webdriver(
+                &http,
+                reqwest::Method::POST,
+                format!("{s}/element/{button}/click"),
+                Some(json!({})),
+            )
+            .await;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let current = webdriver(&http, reqwest::Method::GET, format!("{s}/url"), None).await;
+    assert_eq!(
+        current.as_str(),
+        Some(rig.url("/app/browser").as_str()),
+        "{page}\n{}",
+        rig.logs()
+    );
+    // Chromium shows the echo's JSON in a <pre>.
+    let pre = page.find("<pre").expect("the echo's JSON on the page");
+    let start = pre + page[pre..].find('>').unwrap() + 1;
+    let end = start + page[start..].find("</pre>").unwrap();
+    let json_text = page[start..end]
+        .replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&amp;", "&");
+    let echoed: Value = serde_json::from_str(&json_text).expect("echo JSON");
+    let id_token = echoed["headers"]["x-id-token"]
+        .as_str()
+        .expect("X-ID-Token");
+    assert_eq!(decode_header(id_token)["sub"], "grace");
+    let _ = webdriver(&http, reqwest::Method::DELETE, s, None).await;
+}
