@@ -716,6 +716,29 @@ async fn a_rotated_signing_key_is_fetched_on_the_next_login() {
     );
 }
 
+#[tokio::test]
+async fn an_idle_session_ends_and_a_used_one_lives_on() {
+    let rig = Rig::start(
+        ProviderSettings::default(),
+        json!({ "session": { "secret": SESSION_SECRET, "idling_timeout": 3,
+                             "cookie_name": "app_session" } }),
+    )
+    .await;
+    let b = Jarred::new();
+    rig.log_in(&b.client, "/app", "heidi").await;
+    assert!(b.cookie(&rig.app, "app_session").is_some());
+    // Used every second for four seconds: each use renews it.
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        let r = rig.get(&b.client, "/app").await;
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+    // Then left alone past idling_timeout: login again.
+    tokio::time::sleep(Duration::from_millis(3100)).await;
+    let r = rig.get(&b.client, "/app").await;
+    assert_eq!(r.status, 302, "{r:?}");
+}
+
 /// chromedriver in its own process group, so dropping it also ends the Chromium it
 /// started.
 struct ChromeDriver {
