@@ -739,6 +739,26 @@ async fn an_idle_session_ends_and_a_used_one_lives_on() {
     assert_eq!(r.status, 302, "{r:?}");
 }
 
+#[tokio::test]
+async fn two_tabs_logging_in_at_once_both_land_where_they_were() {
+    let rig = Rig::start(ProviderSettings::default(), json!({})).await;
+    let b = browser();
+    let one = rig.get(&b, "/app/one").await;
+    let two = rig.get(&b, "/app/two").await;
+    let (one, two) = (
+        one.header("location").unwrap().to_owned(),
+        two.header("location").unwrap().to_owned(),
+    );
+    // Tab one finishes first, then tab two (already signed in at the OP).
+    for (authorize, path) in [(one, "/app/one"), (two, "/app/two")] {
+        let callback = rig.op.log_in(&b, &authorize, "ivan").await;
+        let r = rig.get(&b, &callback).await;
+        assert_eq!(r.status, 302, "{r:?}\n{}", rig.logs());
+        assert_eq!(r.header("location"), Some(path));
+        assert_eq!(rig.get(&b, path).await.status, 200);
+    }
+}
+
 /// chromedriver in its own process group, so dropping it also ends the Chromium it
 /// started.
 struct ChromeDriver {

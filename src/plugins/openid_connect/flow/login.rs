@@ -18,6 +18,10 @@ use super::{
 use crate::decision::Deny;
 use crate::plugins::{Ctx, Outcome};
 
+/// Logins one browser may have in progress at once (tabs opened together), as
+/// lua-resty-openidc keeps several authorization states; older ones are dropped.
+const MAX_LOGINS: usize = 3;
+
 /// No usable session: start a login, deny or pass, per `unauth_action`.
 pub(super) async fn unauthenticated(
     plugin: &Plugin,
@@ -107,17 +111,41 @@ pub(super) async fn unauthenticated(
         .header("location", location.to_string())
         .header("cache-control", "no-store")
         .because("openid-connect: login required");
-    for c in session::write(
-        &cfg.sealer,
-        &cfg.login_cookie,
-        &pending,
-        &cfg.attrs,
-        Some(LOGIN_TTL),
-        0,
-    ) {
+    let mut logins = logins_in_progress(cfg, cx);
+    logins.insert(0, pending);
+    logins.truncate(MAX_LOGINS);
+    for c in remember_logins(cfg, cx, &logins) {
         deny = deny.header("set-cookie", c);
     }
     Ok(Outcome::Deny(deny))
+}
+
+/// The unexpired logins the browser has in progress, newest first.
+fn logins_in_progress(cfg: &SessionConfig, cx: &Ctx<'_>) -> Vec<PendingLogin> {
+    let logins: Vec<PendingLogin> =
+        session::read(&cfg.sealer, cx.req, &cfg.login_cookie).unwrap_or_default();
+    let now = now();
+    logins
+        .into_iter()
+        .filter(|p| now - p.created <= LOGIN_TTL as i64)
+        .take(MAX_LOGINS)
+        .collect()
+}
+
+/// `Set-Cookie`s that store `logins` in the login cookie, or delete it when none is left.
+fn remember_logins(cfg: &SessionConfig, cx: &Ctx<'_>, logins: &[PendingLogin]) -> Vec<String> {
+    if logins.is_empty() {
+        return session::clear(cx.req, &cfg.login_cookie, &cfg.attrs);
+    }
+    let previous = session::present_chunks(cx.req, &cfg.login_cookie);
+    session::write(
+        &cfg.sealer,
+        &cfg.login_cookie,
+        &logins,
+        &cfg.attrs,
+        Some(LOGIN_TTL),
+        previous,
+    )
 }
 
 /// An API client (one that asks for JSON and not for a page) cannot follow a login
@@ -166,36 +194,40 @@ pub(super) async fn callback(
     cx: &mut Ctx<'_>,
     http: &reqwest::Client,
 ) -> Result<Outcome, OpFailure> {
-    let pending: Option<PendingLogin> = session::read(&cfg.sealer, cx.req, &cfg.login_cookie);
-    let pending = pending.filter(|p| now() - p.created <= LOGIN_TTL as i64);
+    let mut logins = logins_in_progress(cfg, cx);
     let state = cx.req.query_param("state");
-    let Some(pending) = pending else {
+    let Some(newest) = logins.first() else {
         return Ok(Outcome::Deny(
             Deny::new(401).because("openid-connect: callback without a login in progress"),
         ));
     };
-    let matches = state
-        .as_deref()
-        .is_some_and(|s| constant_time_eq(s.as_bytes(), pending.state.as_bytes()));
-    if !matches {
-        if pending.restarts < MAX_RESTARTS && cx.req.method == "GET" {
+    let found = state.as_deref().and_then(|s| {
+        logins
+            .iter()
+            .position(|p| constant_time_eq(s.as_bytes(), p.state.as_bytes()))
+    });
+    let Some(index) = found else {
+        if newest.restarts < MAX_RESTARTS && cx.req.method == "GET" {
             tracing::warn!("openid-connect: state mismatch, restarting the login");
-            let redirect_uri = pending.redirect_uri.clone();
+            let (redirect_uri, original) = (newest.redirect_uri.clone(), newest.original.clone());
+            let restarts = newest.restarts + 1;
             return unauthenticated(
                 plugin,
                 cfg,
                 cx,
                 http,
                 &redirect_uri,
-                pending.restarts + 1,
-                Some(pending.original),
+                restarts,
+                Some(original),
             )
             .await;
         }
         return Ok(Outcome::Deny(
             Deny::new(401).because("openid-connect: state mismatch"),
         ));
-    }
+    };
+    let pending = logins.remove(index);
+    let login_cookies = remember_logins(cfg, cx, &logins);
     if let Some(error) = cx.req.query_param("error") {
         // APISIX restarts a login the OP could not serve for a moment; any other error
         // (access_denied, login_required, …) is the OP's answer and ends here.
@@ -225,15 +257,32 @@ pub(super) async fn callback(
             .because(format!(
                 "openid-connect: the provider answered error={error}"
             ));
-        for c in session::clear(cx.req, &cfg.login_cookie, &cfg.attrs) {
+        for c in login_cookies {
             deny = deny.header("set-cookie", c);
         }
         return Ok(Outcome::Deny(deny));
     }
+    // Whatever happens from here on, this login is over: the browser forgets it.
+    let mut deny = match complete(plugin, cfg, cx, http, &pending).await {
+        Ok(deny) => deny,
+        Err(failure) => failure.deny(),
+    };
+    for c in login_cookies {
+        deny = deny.header("set-cookie", c);
+    }
+    Ok(Outcome::Deny(deny))
+}
+
+/// The code for tokens, the tokens for a session: the `302` back to where the user was.
+async fn complete(
+    plugin: &Plugin,
+    cfg: &SessionConfig,
+    cx: &Ctx<'_>,
+    http: &reqwest::Client,
+    pending: &PendingLogin,
+) -> Result<Deny, OpFailure> {
     let Some(code) = cx.req.query_param("code") else {
-        return Ok(Outcome::Deny(
-            Deny::new(401).because("openid-connect: callback without a code"),
-        ));
+        return Err(OpFailure::Refused("callback without a code".into()));
     };
     let doc = discovery(plugin, cx, http).await?;
     let tokens = tokens::exchange_code(
@@ -298,10 +347,7 @@ pub(super) async fn callback(
     ) {
         deny = deny.header("set-cookie", c);
     }
-    for c in session::clear(cx.req, &cfg.login_cookie, &cfg.attrs) {
-        deny = deny.header("set-cookie", c);
-    }
-    Ok(Outcome::Deny(deny))
+    Ok(deny)
 }
 
 #[cfg(test)]
