@@ -15,6 +15,7 @@ mod admin;
 mod echo;
 pub mod envoy;
 pub mod etcd;
+pub mod oidc_provider;
 mod portcullis;
 mod process;
 pub mod redis;

@@ -1,0 +1,320 @@
+//! Bearer tokens: find one in the request and prove it, by a configured public key, by
+//! the OP's JWKS, or by asking the OP's introspection endpoint (RFC 7662).
+//!
+//! Local verification accepts only the asymmetric algorithms the route allows
+//! (`token_signing_alg_values_expected`, else RSA/ECDSA ones), never `none` or HMAC, and
+//! never a key named by the token itself (`jwk`, `jku`, `x5u`, `x5c` are ignored; `kid`
+//! is only a lookup key). `exp` is required and, like `nbf`, checked without leeway as
+//! APISIX does; the issuer must be one of `valid_issuers` or the discovered issuer.
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use super::provider::{Shared, read_json, transport};
+use super::{AuthMethod, Settings};
+
+/// Tokens longer than this are refused before any decoding.
+pub const MAX_TOKEN_LEN: usize = 16 * 1024;
+
+/// What the request carries.
+pub enum Presented<'a> {
+    None,
+    Token(&'a str),
+    /// An `Authorization` header that is not `scheme credentials` (APISIX: 400).
+    Malformed,
+}
+
+/// APISIX's `get_bearer_access_token`: `Authorization: Bearer <t>` (scheme in any case),
+/// else the client's `X-Access-Token`. Another scheme counts as no token.
+pub fn presented<'a>(
+    authorization: Option<&'a str>,
+    x_access_token: Option<&'a str>,
+) -> Presented<'a> {
+    match authorization {
+        None => match x_access_token {
+            Some(t) if !t.is_empty() => Presented::Token(t),
+            _ => Presented::None,
+        },
+        Some(value) => match value.split_once(' ') {
+            None => Presented::Malformed,
+            Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => {
+                Presented::Token(token)
+            }
+            Some(_) => Presented::None,
+        },
+    }
+}
+
+/// Where verification keys come from.
+pub enum Keys<'a> {
+    Fixed(&'a DecodingKey),
+    Jwks {
+        shared: &'a Shared,
+        http: &'a reqwest::Client,
+        url: &'a str,
+        ttl: Duration,
+    },
+}
+
+/// Verifies a signed JWT and returns its claims, or a reason fit for
+/// `error_description`.
+pub async fn verify_jwt(
+    token: &str,
+    keys: Keys<'_>,
+    algorithms: &[Algorithm],
+    issuers: &[String],
+) -> Result<Value, String> {
+    if token.len() > MAX_TOKEN_LEN {
+        return Err("token too large".into());
+    }
+    if token.split('.').count() != 3 {
+        return Err("invalid jwt: not a JWS compact serialization".into());
+    }
+    check_raw_header(token)?;
+    let header = jsonwebtoken::decode_header(token).map_err(|e| format!("invalid jwt: {e}"))?;
+    if !algorithms.contains(&header.alg) {
+        return Err(format!(
+            "token is signed by unexpected algorithm \"{:?}\"",
+            header.alg
+        ));
+    }
+    let mut validation = Validation::new(header.alg);
+    validation.leeway = 0;
+    validation.validate_nbf = true;
+    validation.validate_aud = false;
+    validation.required_spec_claims = ["exp".to_owned(), "iss".to_owned()].into();
+    validation.set_issuer(issuers);
+    let decode = |key: &DecodingKey| {
+        jsonwebtoken::decode::<Value>(token, key, &validation).map(|d| d.claims)
+    };
+    let result = match keys {
+        Keys::Fixed(key) => decode(key),
+        Keys::Jwks {
+            shared,
+            http,
+            url,
+            ttl,
+        } => {
+            let kid = header.kid.as_deref();
+            let mut set = shared
+                .jwks(http, url, ttl, false)
+                .await
+                .map_err(|e| format!("failed to fetch the JWKS: {e}"))?;
+            if pick(&set.keys, kid, header.alg).is_none() {
+                // A key we have never seen: the OP may have rotated.
+                set = shared
+                    .jwks(http, url, ttl, true)
+                    .await
+                    .map_err(|e| format!("failed to fetch the JWKS: {e}"))?;
+            }
+            let key = pick(&set.keys, kid, header.alg)
+                .ok_or_else(|| "no key in the JWKS matches the token".to_owned())?;
+            decode(&key.key)
+        }
+    };
+    result.map_err(|e| {
+        use jsonwebtoken::errors::ErrorKind;
+        match e.kind() {
+            ErrorKind::ExpiredSignature => "token expired".to_owned(),
+            ErrorKind::ImmatureSignature => "token not yet valid (nbf)".to_owned(),
+            ErrorKind::InvalidIssuer => "token issuer is not trusted".to_owned(),
+            ErrorKind::InvalidSignature => "signature verification failed".to_owned(),
+            ErrorKind::MissingRequiredClaim(c) => format!("token has no \"{c}\" claim"),
+            other => format!("invalid jwt: {other:?}"),
+        }
+    })
+}
+
+/// The key a token names: by `kid`; without one, the only key (or the only one for its
+/// algorithm).
+fn pick<'k>(
+    keys: &'k [super::provider::Key],
+    kid: Option<&str>,
+    alg: Algorithm,
+) -> Option<&'k super::provider::Key> {
+    let alg_name = format!("{alg:?}");
+    let usable = |k: &&super::provider::Key| k.alg.as_deref().is_none_or(|a| a == alg_name);
+    match kid {
+        Some(kid) => keys
+            .iter()
+            .filter(usable)
+            .find(|k| k.kid.as_deref() == Some(kid)),
+        None => {
+            let mut candidates = keys.iter().filter(usable);
+            let first = candidates.next()?;
+            candidates.next().is_none().then_some(first)
+        }
+    }
+}
+
+/// Refuses header parameters jsonwebtoken would let through: `crit` (we implement no
+/// extension) and any `alg` spelling of "none".
+fn check_raw_header(token: &str) -> Result<(), String> {
+    let head = token.split('.').next().unwrap_or_default();
+    let bytes = URL_SAFE_NO_PAD
+        .decode(head)
+        .map_err(|_| "invalid jwt: header is not base64url".to_owned())?;
+    let header: Value =
+        serde_json::from_slice(&bytes).map_err(|_| "invalid jwt: header is not JSON".to_owned())?;
+    match header.get("alg").and_then(Value::as_str) {
+        Some(alg) if alg.eq_ignore_ascii_case("none") => {
+            return Err("token is not signed (alg none)".into());
+        }
+        Some(_) => {}
+        None => return Err("invalid jwt: no alg".into()),
+    }
+    if header.get("crit").is_some() {
+        return Err("token names critical header parameters".into());
+    }
+    Ok(())
+}
+
+/// Asks the introspection endpoint about `token`, through the cache. `active: false`
+/// and any failure are errors; an active answer is cached until its expiry, bounded by
+/// `introspection_interval` when that is set.
+pub async fn introspect(
+    settings: &Settings,
+    shared: &Shared,
+    http: &reqwest::Client,
+    endpoint: &str,
+    token: &str,
+    addon_headers: &[(String, String)],
+) -> Result<Arc<Value>, String> {
+    if token.len() > MAX_TOKEN_LEN {
+        return Err("token too large".into());
+    }
+    let key = cache_key(endpoint, &settings.client_id, token);
+    if let Some(hit) = shared.cached_introspection(&key) {
+        return Ok(hit);
+    }
+    let mut form = vec![("token", token), ("token_type_hint", "access_token")];
+    let secret = settings.client_secret.as_deref().unwrap_or_default();
+    let mut request = http.post(endpoint).header("accept", "application/json");
+    match settings.introspection_endpoint_auth_method {
+        AuthMethod::ClientSecretBasic => {
+            request =
+                request.basic_auth(form_encode(&settings.client_id), Some(form_encode(secret)));
+        }
+        AuthMethod::ClientSecretPost => {
+            form.push(("client_id", &settings.client_id));
+            form.push(("client_secret", secret));
+        }
+    }
+    for (name, value) in addon_headers {
+        request = request.header(name, value);
+    }
+    let response = request
+        .form(&form)
+        .send()
+        .await
+        .map_err(|e| format!("introspection failed: {}", transport(endpoint, &e)))?;
+    let answer = read_json(endpoint, response)
+        .await
+        .map_err(|e| format!("introspection failed: {e}"))?;
+    if answer.get("active").and_then(Value::as_bool) != Some(true) {
+        return Err("invalid token".into());
+    }
+    let claims = Arc::new(answer);
+    let expiry_claim = settings
+        .introspection_expiry_claim
+        .as_deref()
+        .unwrap_or("exp");
+    let now = super::now();
+    let mut ttl = match claims.get(expiry_claim).and_then(Value::as_i64) {
+        Some(exp) if exp > now => Duration::from_secs((exp - now) as u64),
+        Some(_) => return Err("token expired".into()),
+        None => Duration::ZERO,
+    };
+    if settings.introspection_interval > 0 {
+        let bound = Duration::from_secs(settings.introspection_interval);
+        ttl = if ttl.is_zero() { bound } else { ttl.min(bound) };
+    }
+    shared.remember_introspection(key, claims.clone(), ttl);
+    Ok(claims)
+}
+
+/// RFC 6749 §2.3.1: client credentials in Basic auth are form-encoded first.
+fn form_encode(value: &str) -> String {
+    url::form_urlencoded::byte_serialize(value.as_bytes()).collect()
+}
+
+fn cache_key(endpoint: &str, client_id: &str, token: &str) -> [u8; 32] {
+    let mut h = Sha256::new();
+    for part in [endpoint, client_id, token] {
+        h.update((part.len() as u64).to_be_bytes());
+        h.update(part.as_bytes());
+    }
+    h.finalize().into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_tokens_are_found_as_apisix_finds_them() {
+        assert!(matches!(
+            presented(Some("Bearer abc"), None),
+            Presented::Token("abc")
+        ));
+        assert!(matches!(
+            presented(Some("bEaReR abc"), None),
+            Presented::Token("abc")
+        ));
+        assert!(matches!(
+            presented(Some("Basic abc"), Some("x")),
+            Presented::None
+        ));
+        assert!(matches!(
+            presented(Some("Bearer"), None),
+            Presented::Malformed
+        ));
+        assert!(matches!(
+            presented(None, Some("xyz")),
+            Presented::Token("xyz")
+        ));
+        assert!(matches!(presented(None, None), Presented::None));
+    }
+
+    #[test]
+    fn unsigned_and_critical_headers_are_refused() {
+        let none = format!(
+            "{}.{}.",
+            URL_SAFE_NO_PAD.encode(r#"{"alg":"nOnE"}"#),
+            URL_SAFE_NO_PAD.encode("{}")
+        );
+        assert!(check_raw_header(&none).unwrap_err().contains("alg none"));
+        let crit = format!(
+            "{}.e30.sig",
+            URL_SAFE_NO_PAD.encode(r#"{"alg":"RS256","crit":["exp"]}"#)
+        );
+        assert!(check_raw_header(&crit).unwrap_err().contains("critical"));
+    }
+
+    #[test]
+    fn a_key_without_kid_is_used_only_when_it_is_the_only_candidate() {
+        let key = |kid: Option<&str>, alg: Option<&str>| super::super::provider::Key {
+            kid: kid.map(str::to_owned),
+            alg: alg.map(str::to_owned),
+            key: DecodingKey::from_secret(b"unused"),
+        };
+        let one = [key(Some("a"), Some("RS256"))];
+        assert!(pick(&one, None, Algorithm::RS256).is_some());
+        assert!(pick(&one, Some("b"), Algorithm::RS256).is_none());
+        assert!(pick(&one, Some("a"), Algorithm::ES256).is_none());
+        let two = [key(Some("a"), None), key(Some("b"), None)];
+        assert!(pick(&two, None, Algorithm::RS256).is_none());
+        assert_eq!(
+            pick(&two, Some("b"), Algorithm::RS256)
+                .unwrap()
+                .kid
+                .as_deref(),
+            Some("b")
+        );
+    }
+}

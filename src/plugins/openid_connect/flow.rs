@@ -1,0 +1,361 @@
+//! The relying party: login redirect, callback, session use and renewal, logout.
+//!
+//! A login in progress is a short-lived encrypted cookie (`<cookie_name>_login`) holding
+//! the `state`, `nonce`, PKCE verifier and the URL to return to; the callback accepts a
+//! code only when its `state` matches that cookie, and consumes the cookie, so a forged or
+//! replayed callback never reaches the token endpoint. A stale state restarts the login
+//! (at most [`MAX_RESTARTS`] times, as APISIX). Redirects only ever go to the OP's
+//! endpoints, the configured URIs, or a path on the same host that the proxy itself saw.
+//! The token endpoint and ID token validation go through `openidconnect` ([`tokens`]).
+use base64::Engine;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use openidconnect::CsrfToken;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::provider::{Discovery, FetchError};
+use super::session::{self, Age};
+use super::{Plugin, now};
+use crate::decision::Deny;
+use crate::plugins::{Ctx, Outcome};
+
+mod login;
+mod logout;
+mod tokens;
+
+use login::unauthenticated;
+
+pub use session::SessionConfig;
+
+/// Restarts of the login from stale callbacks before giving up.
+const MAX_RESTARTS: u8 = 3;
+/// How long a login may take at the OP.
+const LOGIN_TTL: u64 = 600;
+
+/// What the session cookie holds.
+#[derive(Debug, Serialize, Deserialize)]
+struct LoginSession {
+    sid: String,
+    created: i64,
+    /// Last time the cookie was re-sent (idle and rolling clocks).
+    saved: i64,
+    id_token: String,
+    sub: String,
+    access_token: Option<String>,
+    access_exp: Option<i64>,
+    refresh_token: Option<String>,
+    userinfo: Option<Value>,
+    scope: Option<String>,
+}
+
+/// What the login cookie holds while the user is at the OP.
+#[derive(Debug, Serialize, Deserialize)]
+struct PendingLogin {
+    state: String,
+    nonce: Option<String>,
+    verifier: Option<String>,
+    original: String,
+    redirect_uri: String,
+    created: i64,
+    restarts: u8,
+}
+
+fn random_token() -> String {
+    CsrfToken::new_random().secret().clone()
+}
+
+/// Why the OP's answer ended the flow: its own refusal (401) or its absence (503).
+enum OpFailure {
+    Refused(String),
+    Unavailable(String),
+}
+
+impl From<FetchError> for OpFailure {
+    fn from(e: FetchError) -> Self {
+        match e {
+            FetchError::Status { status, .. } if (400..500).contains(&status) => {
+                OpFailure::Refused(e.to_string())
+            }
+            other => OpFailure::Unavailable(other.to_string()),
+        }
+    }
+}
+
+impl OpFailure {
+    fn deny(self) -> Deny {
+        match self {
+            OpFailure::Refused(reason) => {
+                tracing::warn!(%reason, "openid-connect: login refused");
+                Deny::new(401).because(format!("openid-connect: {reason}"))
+            }
+            OpFailure::Unavailable(reason) => {
+                tracing::error!(%reason, "openid-connect: provider unavailable");
+                Deny::message(503, "OpenID Provider unavailable")
+                    .because(format!("openid-connect: {reason}"))
+            }
+        }
+    }
+}
+
+pub async fn run(
+    plugin: &Plugin,
+    cfg: &SessionConfig,
+    cx: &mut Ctx<'_>,
+    http: &reqwest::Client,
+) -> Outcome {
+    let redirect_uri = redirect_uri(plugin, cx);
+    let redirect_path = url::Url::parse(&redirect_uri)
+        .map(|u| u.path().to_owned())
+        .unwrap_or_default();
+    let result = if cx.req.path == plugin.settings.logout_path {
+        logout::logout(plugin, cfg, cx, http).await
+    } else if cx.req.path == redirect_path {
+        login::callback(plugin, cfg, cx, http).await
+    } else {
+        use_session(plugin, cfg, cx, http, &redirect_uri).await
+    };
+    match result {
+        Ok(outcome) => outcome,
+        Err(failure) => Outcome::Deny(failure.deny()),
+    }
+}
+
+/// The configured redirect_uri, or APISIX's default: this path + `/.apisix/redirect`.
+fn redirect_uri(plugin: &Plugin, cx: &Ctx<'_>) -> String {
+    if let Some(uri) = &plugin.settings.redirect_uri {
+        return uri.clone();
+    }
+    const SUFFIX: &str = "/.apisix/redirect";
+    let path = cx.req.path;
+    let path = if path.ends_with(SUFFIX) {
+        path.to_owned()
+    } else {
+        format!("{}{SUFFIX}", path.strip_suffix('/').unwrap_or(path))
+    };
+    format!("{}://{}{path}", cx.req.scheme, cx.req.authority)
+}
+
+/// The OP's discovery document, refused unless its `issuer` is the one the discovery URL
+/// was built from (OpenID Connect Discovery §4.3): a document served elsewhere cannot
+/// make portcullis trust another issuer's ID tokens.
+async fn discovery(
+    plugin: &Plugin,
+    cx: &Ctx<'_>,
+    http: &reqwest::Client,
+) -> Result<std::sync::Arc<Discovery>, OpFailure> {
+    let url = &plugin.settings.discovery;
+    let doc = cx
+        .shared
+        .openid_connect
+        .discovery(http, url)
+        .await
+        .map_err(|e| OpFailure::Unavailable(e.to_string()))?;
+    if !issuer_matches(&doc.issuer, url) {
+        return Err(OpFailure::Unavailable(format!(
+            "the discovery document at {url} names issuer {}, not the one it was fetched for",
+            doc.issuer
+        )));
+    }
+    Ok(doc)
+}
+
+fn issuer_matches(issuer: &str, discovery_url: &str) -> bool {
+    discovery_url
+        .strip_prefix(issuer.trim_end_matches('/'))
+        .is_some_and(|rest| rest.starts_with("/.well-known/"))
+}
+
+async fn use_session(
+    plugin: &Plugin,
+    cfg: &SessionConfig,
+    cx: &mut Ctx<'_>,
+    http: &reqwest::Client,
+    redirect_uri: &str,
+) -> Result<Outcome, OpFailure> {
+    let now = now();
+    let found: Option<LoginSession> = session::read(&cfg.sealer, cx.req, &cfg.cookie_name);
+    let Some(mut sess) = found else {
+        return unauthenticated(plugin, cfg, cx, http, redirect_uri, 0, None).await;
+    };
+    let mut save = match cfg.lifetime.age(sess.created, sess.saved, now) {
+        Age::Live { renew } => renew,
+        Age::Expired(which) => {
+            tracing::debug!(timeout = which, "openid-connect: session expired");
+            return unauthenticated(plugin, cfg, cx, http, redirect_uri, 0, None).await;
+        }
+    };
+    let leeway = plugin.settings.access_token_expires_leeway as i64;
+    let mut access_valid = true;
+    if sess.access_exp.is_some_and(|exp| exp - leeway <= now) {
+        if plugin.settings.renew_access_token_on_expiry {
+            let renewed = match sess.refresh_token.clone() {
+                Some(rt) => refresh(plugin, cx, http, &mut sess, &rt).await,
+                None => false,
+            };
+            if !renewed {
+                return unauthenticated(plugin, cfg, cx, http, redirect_uri, 0, None).await;
+            }
+            save = true;
+        } else {
+            // lua-resty-openidc keeps such a session and only stops passing the token on.
+            access_valid = false;
+        }
+    }
+    let granted = session_scope(&sess);
+    if let Some(deny) = plugin.check_scopes(granted.as_deref()) {
+        return Ok(Outcome::Deny(deny));
+    }
+    if let Some(token) = sess.access_token.as_deref().filter(|_| access_valid) {
+        plugin.set_access_token(cx, token);
+    }
+    let s = &plugin.settings;
+    if s.set_id_token_header
+        && let Some(claims) = payload(&sess.id_token)
+    {
+        cx.allow
+            .set_upstream("x-id-token", STANDARD.encode(claims.to_string()));
+    }
+    if s.set_userinfo_header
+        && let Some(user) = &sess.userinfo
+    {
+        cx.allow
+            .set_upstream("x-userinfo", STANDARD.encode(user.to_string()));
+    }
+    if s.set_refresh_token_header
+        && let Some(rt) = sess
+            .refresh_token
+            .as_deref()
+            .filter(|v| crate::decision::is_safe_header_value(v))
+    {
+        cx.allow.set_upstream("x-refresh-token", rt.to_owned());
+    }
+    if s.set_raw_id_token_header && crate::decision::is_safe_header_value(&sess.id_token) {
+        cx.allow
+            .set_upstream("x-raw-id-token", sess.id_token.clone());
+    }
+    hide_own_cookies(cfg, cx);
+    if save {
+        sess.saved = now;
+        let previous = session::present_chunks(cx.req, &cfg.cookie_name);
+        for c in session::write(
+            &cfg.sealer,
+            &cfg.cookie_name,
+            &sess,
+            &cfg.attrs,
+            cfg.lifetime.max_age(sess.created, now),
+            previous,
+        ) {
+            cx.allow.add_client_header("set-cookie", c);
+        }
+    }
+    Ok(Outcome::Continue)
+}
+
+/// The session cookies are ours: the upstream gets the client's other cookies only.
+fn hide_own_cookies(cfg: &SessionConfig, cx: &mut Ctx<'_>) {
+    let Some(header) = cx.req.headers.get("cookie") else {
+        return;
+    };
+    let kept: Vec<&str> = header
+        .split(';')
+        .map(str::trim)
+        .filter(|c| {
+            let name = c.split('=').next().unwrap_or_default().trim();
+            !session::is_chunk_of(name, &cfg.cookie_name) && name != cfg.login_cookie
+        })
+        .collect();
+    if kept.len() == header.split(';').count() {
+        return;
+    }
+    if kept.is_empty() {
+        cx.allow.unset_upstream("cookie");
+    } else {
+        cx.allow.set_upstream("cookie", kept.join("; "));
+    }
+}
+
+/// Scopes granted to the session: from a JWT access token, the ID token, or the token
+/// response.
+fn session_scope(sess: &LoginSession) -> Option<String> {
+    let from = |claims: Option<Value>| {
+        claims.and_then(|c| c.get("scope").and_then(Value::as_str).map(str::to_owned))
+    };
+    from(sess.access_token.as_deref().and_then(payload))
+        .or_else(|| from(payload(&sess.id_token)))
+        .or_else(|| sess.scope.clone())
+}
+
+/// The payload of a JWT whose integrity was proven earlier (it sits in our sealed
+/// session).
+fn payload(jwt: &str) -> Option<Value> {
+    let part = jwt.split('.').nth(1)?;
+    serde_json::from_slice(&URL_SAFE_NO_PAD.decode(part).ok()?).ok()
+}
+
+/// When the access token stops being used: the OP's `expires_in`, else the route's
+/// `access_token_expires_in`, else an hour (lua-resty-openidc's defaults).
+fn access_exp(plugin: &Plugin, expires_in: Option<i64>, now: i64) -> i64 {
+    let lifetime = expires_in
+        .or(plugin.settings.access_token_expires_in.map(|v| v as i64))
+        .unwrap_or(3600);
+    now + lifetime
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Renews the session's tokens with its refresh token; false means log in again.
+async fn refresh(
+    plugin: &Plugin,
+    cx: &Ctx<'_>,
+    http: &reqwest::Client,
+    sess: &mut LoginSession,
+    refresh_token: &str,
+) -> bool {
+    let Ok(doc) = discovery(plugin, cx, http).await else {
+        return false;
+    };
+    let tokens = match tokens::refresh(plugin, &doc, http, refresh_token, &sess.sub).await {
+        Ok(t) => t,
+        Err(OpFailure::Refused(reason) | OpFailure::Unavailable(reason)) => {
+            tracing::info!(%reason, "openid-connect: refresh failed, login again");
+            return false;
+        }
+    };
+    let now = now();
+    if let Some((id_token, _, _)) = tokens.id_token {
+        sess.id_token = id_token;
+    }
+    sess.access_exp = Some(access_exp(plugin, tokens.expires_in, now));
+    sess.access_token = Some(tokens.access_token);
+    if tokens.refresh_token.is_some() {
+        sess.refresh_token = tokens.refresh_token;
+    }
+    if tokens.scope.is_some() {
+        sess.scope = tokens.scope;
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_discovered_issuer_must_be_the_configured_one() {
+        let d = "https://op.test/realms/a/.well-known/openid-configuration";
+        assert!(issuer_matches("https://op.test/realms/a", d));
+        assert!(issuer_matches("https://op.test/realms/a/", d));
+        assert!(!issuer_matches("https://op.test/realms/b", d));
+        assert!(!issuer_matches("https://op.test/realms", d));
+        assert!(!issuer_matches("https://evil.test", d));
+    }
+
+    #[test]
+    fn states_compare_in_constant_time_and_exactly() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"abcd"));
+    }
+}

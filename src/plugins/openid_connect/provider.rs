@@ -1,0 +1,317 @@
+//! What portcullis learns from the OpenID Provider, and remembers.
+//!
+//! Discovery documents, JWKS and introspection answers are fetched over one pooled
+//! `reqwest` client per (timeout, TLS verification) pair and cached in [`Shared`], so a
+//! configuration swap keeps them. Every fetch is bounded by the route's `timeout`; a
+//! failure is returned as an error for the caller to turn into a decision and is never
+//! cached, so an OP that comes back is used again at once. An unknown `kid` refetches the
+//! JWKS, at most once per [`JWKS_REFETCH_INTERVAL`] per JWKS URL, which is how key
+//! rotation works without a restart and without letting forged `kid`s hammer the OP.
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use jsonwebtoken::DecodingKey;
+use jsonwebtoken::jwk::Jwk;
+use serde::Deserialize;
+use serde_json::Value;
+
+/// How long a discovery document is trusted (lua-resty-openidc's default is a day).
+const DISCOVERY_TTL: Duration = Duration::from_secs(24 * 3600);
+/// The least time between two JWKS fetches caused by an unknown `kid`.
+pub const JWKS_REFETCH_INTERVAL: Duration = Duration::from_secs(1);
+/// Bound of the introspection cache (entries); the oldest go first.
+const INTROSPECTION_CACHE_SIZE: u64 = 10_000;
+/// Largest document accepted from the OP.
+const MAX_BODY: usize = 1 << 20;
+
+/// The parts of an OpenID Provider's discovery document portcullis uses.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Discovery {
+    pub issuer: String,
+    pub authorization_endpoint: Option<String>,
+    pub token_endpoint: Option<String>,
+    pub userinfo_endpoint: Option<String>,
+    pub jwks_uri: Option<String>,
+    pub introspection_endpoint: Option<String>,
+    pub end_session_endpoint: Option<String>,
+    pub revocation_endpoint: Option<String>,
+}
+
+/// One verification key from a JWKS.
+#[derive(Clone)]
+pub struct Key {
+    pub kid: Option<String>,
+    /// The `alg` the JWK is restricted to, if it says.
+    pub alg: Option<String>,
+    pub key: DecodingKey,
+}
+
+pub struct KeySet {
+    pub keys: Vec<Key>,
+    fetched: Instant,
+}
+
+/// Cached introspection answer for one token.
+#[derive(Clone)]
+struct Introspected {
+    claims: Arc<Value>,
+    until: Instant,
+}
+
+/// Per-process state of the plugin, shared by every route and every snapshot.
+pub struct Shared {
+    clients: DashMap<(u64, bool), reqwest::Client>,
+    discovery: DashMap<String, (Arc<Discovery>, Instant)>,
+    jwks: DashMap<String, Arc<KeySet>>,
+    /// Serialises JWKS fetches per URL so a burst of unknown `kid`s costs one fetch.
+    jwks_fetch: DashMap<String, Arc<tokio::sync::Mutex<()>>>,
+    introspection: moka::sync::Cache<[u8; 32], Introspected>,
+}
+
+impl Default for Shared {
+    fn default() -> Self {
+        Shared {
+            clients: DashMap::new(),
+            discovery: DashMap::new(),
+            jwks: DashMap::new(),
+            jwks_fetch: DashMap::new(),
+            introspection: moka::sync::Cache::builder()
+                .max_capacity(INTROSPECTION_CACHE_SIZE)
+                .time_to_live(Duration::from_secs(24 * 3600))
+                .build(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("openid_connect::Shared")
+            .field("discovery_documents", &self.discovery.len())
+            .field("jwks", &self.jwks.len())
+            .field("introspection_entries", &self.introspection.entry_count())
+            .finish()
+    }
+}
+
+/// Why the OP could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("request to {url} failed: {reason}")]
+    Transport { url: String, reason: String },
+    #[error("{url} answered HTTP {status}")]
+    Status { url: String, status: u16 },
+    #[error("{url} answered an invalid document: {reason}")]
+    Document { url: String, reason: String },
+}
+
+impl Shared {
+    /// The pooled client for a route's `timeout` and `ssl_verify`.
+    pub fn client(&self, timeout: Duration, ssl_verify: bool) -> reqwest::Client {
+        let key = (timeout.as_millis() as u64, ssl_verify);
+        if let Some(c) = self.clients.get(&key) {
+            return c.clone();
+        }
+        let client = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .danger_accept_invalid_certs(!ssl_verify)
+            .user_agent(concat!("portcullis/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .unwrap_or_else(|_| reqwest::Client::new());
+        self.clients.entry(key).or_insert(client).clone()
+    }
+
+    pub async fn discovery(
+        &self,
+        http: &reqwest::Client,
+        url: &str,
+    ) -> Result<Arc<Discovery>, FetchError> {
+        if let Some(entry) = self.discovery.get(url)
+            && entry.1.elapsed() < DISCOVERY_TTL
+        {
+            return Ok(entry.0.clone());
+        }
+        let doc: Discovery = serde_json::from_value(get_json(http, url).await?).map_err(|e| {
+            FetchError::Document {
+                url: url.to_owned(),
+                reason: e.to_string(),
+            }
+        })?;
+        let doc = Arc::new(doc);
+        self.discovery
+            .insert(url.to_owned(), (doc.clone(), Instant::now()));
+        Ok(doc)
+    }
+
+    /// The JWKS at `url`; `ttl` is the route's `jwk_expires_in`. With `refresh`, fetch again
+    /// unless the cached copy is younger than [`JWKS_REFETCH_INTERVAL`].
+    pub async fn jwks(
+        &self,
+        http: &reqwest::Client,
+        url: &str,
+        ttl: Duration,
+        refresh: bool,
+    ) -> Result<Arc<KeySet>, FetchError> {
+        let fresh = |set: &KeySet| {
+            let age = set.fetched.elapsed();
+            age < ttl && (!refresh || age < JWKS_REFETCH_INTERVAL)
+        };
+        if let Some(set) = self.jwks.get(url)
+            && fresh(&set)
+        {
+            return Ok(set.clone());
+        }
+        let lock = self
+            .jwks_fetch
+            .entry(url.to_owned())
+            .or_default()
+            .value()
+            .clone();
+        let _guard = lock.lock().await;
+        // Someone else may have fetched while we waited.
+        if let Some(set) = self.jwks.get(url)
+            && set.fetched.elapsed() < JWKS_REFETCH_INTERVAL
+        {
+            return Ok(set.clone());
+        }
+        let doc = get_json(http, url).await?;
+        let keys = parse_jwks(&doc).ok_or_else(|| FetchError::Document {
+            url: url.to_owned(),
+            reason: "no usable verification key".into(),
+        })?;
+        let set = Arc::new(KeySet {
+            keys,
+            fetched: Instant::now(),
+        });
+        self.jwks.insert(url.to_owned(), set.clone());
+        Ok(set)
+    }
+
+    pub fn cached_introspection(&self, key: &[u8; 32]) -> Option<Arc<Value>> {
+        let hit = self.introspection.get(key)?;
+        if hit.until > Instant::now() {
+            Some(hit.claims)
+        } else {
+            self.introspection.invalidate(key);
+            None
+        }
+    }
+
+    pub fn remember_introspection(&self, key: [u8; 32], claims: Arc<Value>, ttl: Duration) {
+        if ttl.is_zero() {
+            return;
+        }
+        self.introspection.insert(
+            key,
+            Introspected {
+                claims,
+                until: Instant::now() + ttl,
+            },
+        );
+    }
+}
+
+/// The keys of a JWKS that can verify signatures; keys marked for encryption or of a
+/// type we cannot use are skipped rather than failing the whole set.
+fn parse_jwks(doc: &Value) -> Option<Vec<Key>> {
+    let keys: Vec<Key> = doc
+        .get("keys")?
+        .as_array()?
+        .iter()
+        .filter(|k| k.get("use").and_then(Value::as_str).unwrap_or("sig") == "sig")
+        .filter(|k| !matches!(k.get("kty").and_then(Value::as_str), Some("oct")))
+        .filter_map(|k| {
+            let jwk: Jwk = serde_json::from_value(k.clone()).ok()?;
+            Some(Key {
+                kid: k.get("kid").and_then(Value::as_str).map(str::to_owned),
+                alg: k.get("alg").and_then(Value::as_str).map(str::to_owned),
+                key: DecodingKey::from_jwk(&jwk).ok()?,
+            })
+        })
+        .collect();
+    (!keys.is_empty()).then_some(keys)
+}
+
+pub async fn get_json(http: &reqwest::Client, url: &str) -> Result<Value, FetchError> {
+    let response = http
+        .get(url)
+        .header("accept", "application/json")
+        .send()
+        .await
+        .map_err(|e| transport(url, &e))?;
+    read_json(url, response).await
+}
+
+/// Reads a JSON answer of bounded size; any status other than 2xx is an error.
+pub async fn read_json(url: &str, response: reqwest::Response) -> Result<Value, FetchError> {
+    let status = response.status();
+    if !status.is_success() {
+        return Err(FetchError::Status {
+            url: url.to_owned(),
+            status: status.as_u16(),
+        });
+    }
+    let body = read_limited(url, response).await?;
+    serde_json::from_slice(&body).map_err(|e| FetchError::Document {
+        url: url.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
+/// Reads a body of any status, bounded in size.
+pub async fn read_limited(
+    url: &str,
+    mut response: reqwest::Response,
+) -> Result<Vec<u8>, FetchError> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(|e| transport(url, &e))? {
+        if body.len() + chunk.len() > MAX_BODY {
+            return Err(FetchError::Document {
+                url: url.to_owned(),
+                reason: "larger than 1 MiB".into(),
+            });
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+pub fn transport(url: &str, e: &reqwest::Error) -> FetchError {
+    let reason = if e.is_timeout() {
+        "timed out".to_owned()
+    } else if e.is_connect() {
+        "connection failed".to_owned()
+    } else {
+        e.to_string()
+    };
+    FetchError::Transport {
+        url: url.to_owned(),
+        reason,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jwks_keeps_signing_keys_and_skips_the_rest() {
+        let doc = serde_json::json!({ "keys": [
+            { "kty": "oct", "k": "c2VjcmV0", "kid": "hmac" },
+            { "kty": "EC", "crv": "P-256", "kid": "enc", "use": "enc",
+              "x": "f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU",
+              "y": "x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0" },
+            { "kty": "EC", "crv": "P-256", "kid": "sig", "alg": "ES256",
+              "x": "f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU",
+              "y": "x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0" },
+            { "kty": "unknown", "kid": "odd" }
+        ]});
+        let keys = parse_jwks(&doc).expect("one usable key");
+        assert_eq!(keys.len(), 1);
+        assert_eq!(keys[0].kid.as_deref(), Some("sig"));
+        assert_eq!(keys[0].alg.as_deref(), Some("ES256"));
+        assert!(parse_jwks(&serde_json::json!({ "keys": [] })).is_none());
+    }
+}
