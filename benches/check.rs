@@ -274,6 +274,76 @@ routes:
     );
 }
 
+/// openid-connect relying party, a request carrying a valid session cookie: open the
+/// AES-GCM cookie, check the session's clocks, set the identity headers. The session
+/// holds an access token that is still valid, so no OP is contacted (the discovery
+/// URL points at a closed port; fetching it would fail the asserted allow).
+fn openid_connect_session(c: &mut Criterion) {
+    use portcullis::plugins::openid_connect::session::{self, CookieAttrs, Sealer};
+    const SECRET: &str = "bench-session-secret-0123456789";
+    let runtime = runtime_from(&format!(
+        r#"
+routes:
+  - id: app
+    uri: /app/*
+    plugins:
+      openid-connect:
+        client_id: bench
+        client_secret: bench-secret
+        discovery: http://127.0.0.1:9/.well-known/openid-configuration
+        redirect_uri: http://app.example/callback
+        session: {{ secret: {SECRET} }}
+"#
+    ));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let claims = serde_json::json!({"iss": "http://op.example", "sub": "alice", "aud": "bench", "exp": now + 3600, "iat": now});
+    let id_token = format!(
+        "eyJhbGciOiJSUzI1NiJ9.{}.c2ln",
+        base64::Engine::encode(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+            claims.to_string()
+        )
+    );
+    // The session cookie's JSON shape, as the login flow writes it.
+    let session = serde_json::json!({
+        "sid": "bench-sid",
+        "created": now,
+        "saved": now,
+        "id_token": id_token,
+        "sub": "alice",
+        "access_token": "opaque-access-token-0123456789abcdef",
+        "access_exp": now + 3600,
+        "refresh_token": null,
+        "userinfo": {"sub": "alice", "email": "alice@example.com", "name": "Alice"},
+        "scope": "openid profile email",
+    });
+    // The cookies the login flow would set, turned into the request's Cookie header.
+    let attrs = CookieAttrs {
+        path: "/".into(),
+        domain: None,
+        secure: false,
+        http_only: true,
+        same_site: Some("Lax".into()),
+    };
+    let set_cookies = session::write(&Sealer::new(SECRET), "session", &session, &attrs, None, 0);
+    let cookie: Vec<&str> = set_cookies
+        .iter()
+        .map(|c| c.split(';').next().unwrap_or_default())
+        .collect();
+    let msg = support::check_request("/app/item", &[("cookie", &cookie.join("; "))]);
+    bench_check(
+        c,
+        "openid-connect",
+        "session cookie",
+        &runtime,
+        &msg,
+        Code::Ok,
+    );
+}
+
 fn setup() {
     // As `portcullis serve`: the Prometheus recorder receives every Check's metrics.
     let _ = portcullis::telemetry::init_metrics();
@@ -286,6 +356,7 @@ fn all(c: &mut Criterion) {
     jwt_auth(c);
     credential_lookup(c);
     forward_auth_cache_hit(c);
+    openid_connect_session(c);
 }
 
 criterion_group! {

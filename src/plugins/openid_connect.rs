@@ -23,7 +23,7 @@ use crate::decision::Deny;
 mod bearer;
 mod flow;
 mod provider;
-mod session;
+pub mod session;
 
 pub use provider::Shared;
 
