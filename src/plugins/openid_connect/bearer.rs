@@ -117,7 +117,7 @@ pub async fn verify_jwt(
             decode(&key.key)
         }
     };
-    result.map_err(|e| {
+    let claims = result.map_err(|e| {
         use jsonwebtoken::errors::ErrorKind;
         match e.kind() {
             ErrorKind::ExpiredSignature => "token expired".to_owned(),
@@ -127,7 +127,12 @@ pub async fn verify_jwt(
             ErrorKind::MissingRequiredClaim(c) => format!("token has no \"{c}\" claim"),
             other => format!("invalid jwt: {other:?}"),
         }
-    })
+    })?;
+    // jsonwebtoken accepts `exp == now`; APISIX's validator wants `exp` strictly ahead.
+    match claims.get("exp").and_then(Value::as_f64) {
+        Some(exp) if exp > super::now() as f64 => Ok(claims),
+        _ => Err("token expired".into()),
+    }
 }
 
 /// The key a token names: by `kid`; without one, the only key (or the only one for its
@@ -188,12 +193,14 @@ pub async fn introspect(
     if token.len() > MAX_TOKEN_LEN {
         return Err("token too large".into());
     }
-    let key = cache_key(endpoint, &settings.client_id, token);
-    if let Some(hit) = shared.cached_introspection(&key) {
+    let secret = settings.client_secret.as_deref().unwrap_or_default();
+    let key = cache_key(&[endpoint, &settings.client_id, secret, token]);
+    let max_age = (settings.introspection_interval > 0)
+        .then(|| Duration::from_secs(settings.introspection_interval));
+    if let Some(hit) = shared.cached_introspection(&key, max_age) {
         return Ok(hit);
     }
     let mut form = vec![("token", token), ("token_type_hint", "access_token")];
-    let secret = settings.client_secret.as_deref().unwrap_or_default();
     let mut request = http.post(endpoint).header("accept", "application/json");
     match settings.introspection_endpoint_auth_method {
         AuthMethod::ClientSecretBasic => {
@@ -224,18 +231,38 @@ pub async fn introspect(
         .introspection_expiry_claim
         .as_deref()
         .unwrap_or("exp");
-    let now = super::now();
-    let mut ttl = match claims.get(expiry_claim).and_then(Value::as_i64) {
-        Some(exp) if exp > now => Duration::from_secs((exp - now) as u64),
-        Some(_) => return Err("token expired".into()),
-        None => Duration::ZERO,
-    };
-    if settings.introspection_interval > 0 {
-        let bound = Duration::from_secs(settings.introspection_interval);
-        ttl = if ttl.is_zero() { bound } else { ttl.min(bound) };
+    let expiry = claims.get(expiry_claim).and_then(Value::as_i64);
+    if expiry_claim == "exp" && expiry.is_some_and(|exp| exp <= super::now()) {
+        // An "active" token whose `exp` has passed is a contradiction: refuse it.
+        return Err("token expired".into());
     }
-    shared.remember_introspection(key, claims.clone(), ttl);
+    shared.remember_introspection(
+        key,
+        claims.clone(),
+        introspection_ttl(
+            expiry_claim,
+            expiry,
+            settings.introspection_interval,
+            super::now(),
+        ),
+    );
     Ok(claims)
+}
+
+/// How long an active introspection answer is reused, as lua-resty-openidc decides:
+/// only an answer that carries the expiry claim is cached; `exp` is a time, any other
+/// claim named by `introspection_expiry_claim` is a number of seconds; a positive
+/// `introspection_interval` caps the time.
+fn introspection_ttl(claim: &str, expiry: Option<i64>, interval: u64, now: i64) -> Duration {
+    let Some(expiry) = expiry else {
+        return Duration::ZERO;
+    };
+    let seconds = if claim == "exp" { expiry - now } else { expiry };
+    let mut seconds = u64::try_from(seconds).unwrap_or(0);
+    if interval > 0 {
+        seconds = seconds.min(interval);
+    }
+    Duration::from_secs(seconds)
 }
 
 /// RFC 6749 §2.3.1: client credentials in Basic auth are form-encoded first.
@@ -243,9 +270,12 @@ fn form_encode(value: &str) -> String {
     url::form_urlencoded::byte_serialize(value.as_bytes()).collect()
 }
 
-fn cache_key(endpoint: &str, client_id: &str, token: &str) -> [u8; 32] {
+/// The introspection cache key: an answer is reused only for the same token asked by the
+/// same client (id and secret) at the same endpoint, so a route whose credentials the OP
+/// refuses never rides on another route's answer. Hashed: tokens are not kept as keys.
+fn cache_key(parts: &[&str]) -> [u8; 32] {
     let mut h = Sha256::new();
-    for part in [endpoint, client_id, token] {
+    for part in parts {
         h.update((part.len() as u64).to_be_bytes());
         h.update(part.as_bytes());
     }
@@ -294,6 +324,32 @@ mod tests {
             URL_SAFE_NO_PAD.encode(r#"{"alg":"RS256","crit":["exp"]}"#)
         );
         assert!(check_raw_header(&crit).unwrap_err().contains("critical"));
+    }
+
+    #[test]
+    fn introspection_answers_are_cached_until_expiry_within_the_interval() {
+        let now = 1_000_000;
+        assert_eq!(
+            introspection_ttl("exp", Some(now + 300), 0, now),
+            Duration::from_secs(300)
+        );
+        assert_eq!(
+            introspection_ttl("exp", Some(now + 300), 60, now),
+            Duration::from_secs(60)
+        );
+        assert_eq!(
+            introspection_ttl("exp", Some(now + 30), 60, now),
+            Duration::from_secs(30)
+        );
+        assert_eq!(introspection_ttl("exp", None, 60, now), Duration::ZERO);
+        assert_eq!(
+            introspection_ttl("expires_in", Some(90), 0, now),
+            Duration::from_secs(90)
+        );
+        assert_eq!(
+            introspection_ttl("exp", Some(now - 5), 0, now),
+            Duration::ZERO
+        );
     }
 
     #[test]

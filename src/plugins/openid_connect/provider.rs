@@ -56,6 +56,7 @@ pub struct KeySet {
 #[derive(Clone)]
 struct Introspected {
     claims: Arc<Value>,
+    fetched: Instant,
     until: Instant,
 }
 
@@ -116,6 +117,9 @@ impl Shared {
             .timeout(timeout)
             .connect_timeout(timeout)
             .redirect(reqwest::redirect::Policy::none())
+            // APISIX reaches the OP through a proxy only with `proxy_opts`, which
+            // portcullis refuses: never take one from the environment.
+            .no_proxy()
             .danger_accept_invalid_certs(!ssl_verify)
             .user_agent(concat!("portcullis/", env!("CARGO_PKG_VERSION")))
             .build()
@@ -189,8 +193,17 @@ impl Shared {
         Ok(set)
     }
 
-    pub fn cached_introspection(&self, key: &[u8; 32]) -> Option<Arc<Value>> {
+    /// A cached answer younger than `max_age` (a route's `introspection_interval`, so
+    /// routes with different intervals sharing one answer each get their own bound).
+    pub fn cached_introspection(
+        &self,
+        key: &[u8; 32],
+        max_age: Option<Duration>,
+    ) -> Option<Arc<Value>> {
         let hit = self.introspection.get(key)?;
+        if max_age.is_some_and(|max| hit.fetched.elapsed() >= max) {
+            return None;
+        }
         if hit.until > Instant::now() {
             Some(hit.claims)
         } else {
@@ -203,11 +216,13 @@ impl Shared {
         if ttl.is_zero() {
             return;
         }
+        let now = Instant::now();
         self.introspection.insert(
             key,
             Introspected {
                 claims,
-                until: Instant::now() + ttl,
+                fetched: now,
+                until: now + ttl,
             },
         );
     }
