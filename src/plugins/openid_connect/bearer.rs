@@ -104,13 +104,13 @@ pub async fn verify_jwt(
             let mut set = shared
                 .jwks(http, url, ttl, false)
                 .await
-                .map_err(|e| format!("failed to fetch the JWKS: {e}"))?;
+                .map_err(jwks_failed)?;
             if pick(&set.keys, kid, header.alg).is_none() {
                 // A key we have never seen: the OP may have rotated.
                 set = shared
                     .jwks(http, url, ttl, true)
                     .await
-                    .map_err(|e| format!("failed to fetch the JWKS: {e}"))?;
+                    .map_err(jwks_failed)?;
             }
             let key = pick(&set.keys, kid, header.alg)
                 .ok_or_else(|| "no key in the JWKS matches the token".to_owned())?;
@@ -133,6 +133,11 @@ pub async fn verify_jwt(
         Some(exp) if exp > super::now() as f64 => Ok(claims),
         _ => Err("token expired".into()),
     }
+}
+
+fn jwks_failed(e: super::provider::FetchError) -> String {
+    tracing::error!(error = %e, "openid-connect: JWKS fetch failed");
+    format!("failed to fetch the JWKS: {e}")
 }
 
 /// The key a token names: by `kid`; without one, the only key (or the only one for its
@@ -215,14 +220,16 @@ pub async fn introspect(
     for (name, value) in addon_headers {
         request = request.header(name, value);
     }
+    let failed = |e: super::provider::FetchError| {
+        tracing::error!(error = %e, "openid-connect: introspection failed");
+        format!("introspection failed: {e}")
+    };
     let response = request
         .form(&form)
         .send()
         .await
-        .map_err(|e| format!("introspection failed: {}", transport(endpoint, &e)))?;
-    let answer = read_json(endpoint, response)
-        .await
-        .map_err(|e| format!("introspection failed: {e}"))?;
+        .map_err(|e| failed(transport(endpoint, &e)))?;
+    let answer = read_json(endpoint, response).await.map_err(failed)?;
     if answer.get("active").and_then(Value::as_bool) != Some(true) {
         return Err("invalid token".into());
     }
@@ -324,6 +331,102 @@ mod tests {
             URL_SAFE_NO_PAD.encode(r#"{"alg":"RS256","crit":["exp"]}"#)
         );
         assert!(check_raw_header(&crit).unwrap_err().contains("critical"));
+    }
+
+    /// An ES256 key pair from a fixed scalar, as (signing, verifying) keys.
+    fn es256(seed: u8) -> (jsonwebtoken::EncodingKey, DecodingKey) {
+        use p256::pkcs8::{EncodePrivateKey, EncodePublicKey, LineEnding};
+        let secret = p256::SecretKey::from_slice(&[seed; 32]).expect("scalar");
+        let private = secret.to_pkcs8_pem(LineEnding::LF).expect("PKCS#8");
+        let public = secret
+            .public_key()
+            .to_public_key_pem(LineEnding::LF)
+            .expect("SPKI");
+        (
+            jsonwebtoken::EncodingKey::from_ec_pem(private.as_bytes()).expect("signing key"),
+            DecodingKey::from_ec_pem(public.as_bytes()).expect("verifying key"),
+        )
+    }
+
+    fn sign(
+        header: jsonwebtoken::Header,
+        claims: &Value,
+        key: &jsonwebtoken::EncodingKey,
+    ) -> String {
+        jsonwebtoken::encode(&header, claims, key).expect("sign")
+    }
+
+    #[tokio::test]
+    async fn jwt_claims_are_checked_as_strictly_as_apisix() {
+        let (signing, verifying) = es256(7);
+        let issuers = ["https://op.test".to_owned()];
+        let now = super::super::now();
+        let header = || jsonwebtoken::Header::new(Algorithm::ES256);
+        static ES: [Algorithm; 1] = [Algorithm::ES256];
+        static RS: [Algorithm; 1] = [Algorithm::RS256];
+        let verify = |token: String, algs: &'static [Algorithm]| {
+            let verifying = verifying.clone();
+            let issuers = issuers.clone();
+            async move { verify_jwt(&token, Keys::Fixed(&verifying), algs, &issuers).await }
+        };
+
+        let good = serde_json::json!({ "iss": "https://op.test", "exp": now + 60, "sub": "a" });
+        let claims = verify(sign(header(), &good, &signing), &ES).await.unwrap();
+        assert_eq!(claims["sub"], "a");
+
+        let cases = [
+            (
+                serde_json::json!({ "iss": "https://op.test", "exp": now }),
+                "token expired",
+            ),
+            (
+                serde_json::json!({ "iss": "https://op.test", "exp": now - 1 }),
+                "token expired",
+            ),
+            (
+                serde_json::json!({ "iss": "https://op.test" }),
+                "no \"exp\" claim",
+            ),
+            (
+                serde_json::json!({ "iss": "https://op.test", "exp": "9999999999" }),
+                "\"exp\"",
+            ),
+            (serde_json::json!({ "exp": now + 60 }), "no \"iss\" claim"),
+            (
+                serde_json::json!({ "iss": "https://evil.test", "exp": now + 60 }),
+                "not trusted",
+            ),
+            (
+                serde_json::json!({ "iss": "https://op.test", "exp": now + 60, "nbf": now + 30 }),
+                "not yet valid",
+            ),
+        ];
+        for (claims, reason) in cases {
+            let err = verify(sign(header(), &claims, &signing), &ES)
+                .await
+                .unwrap_err();
+            assert!(err.contains(reason), "{claims}: {err}");
+        }
+
+        // Another algorithm than the route's, and a key offered by the token itself.
+        let err = verify(sign(header(), &good, &signing), &RS)
+            .await
+            .unwrap_err();
+        assert!(err.contains("unexpected algorithm"), "{err}");
+        let (other, _) = es256(9);
+        let mut offered = header();
+        offered.jwk = Some(
+            serde_json::from_value(serde_json::json!({
+                "kty": "EC", "crv": "P-256",
+                "x": "f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU",
+                "y": "x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"
+            }))
+            .expect("JWK"),
+        );
+        let err = verify(sign(offered, &good, &other), &ES).await.unwrap_err();
+        assert_eq!(err, "signature verification failed");
+        let jwe = "a.b.c.d.e".to_owned();
+        assert!(verify(jwe, &ES).await.unwrap_err().contains("JWS"));
     }
 
     #[test]
