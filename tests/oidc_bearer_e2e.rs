@@ -462,8 +462,23 @@ async fn key_rotation_is_followed_without_a_restart() {
     let stack = stack(vec![route(&op, "/jwks", json!({ "use_jwks": true }))]).await;
     let before = token(&op, JWT_API, "read").await;
     assert_eq!(bearer(&stack, "/jwks", &before).await.status, 200);
+    assert_eq!(bearer(&stack, "/jwks", &before).await.status, 200);
+    assert_eq!(op.requests_to("/jwks").await, 1, "the JWKS is cached");
 
-    // New keys only: the unknown kid makes portcullis fetch the JWKS again.
+    // A burst of tokens naming kids nobody published costs at most one refetch.
+    for n in 0..5 {
+        let forged = with_segment(
+            &before,
+            0,
+            &URL_SAFE_NO_PAD
+                .encode(json!({ "alg": "RS256", "kid": format!("forged-{n}") }).to_string()),
+        );
+        assert_invalid_token(&bearer(&stack, "/jwks", &forged).await, "no key");
+    }
+    assert!(op.requests_to("/jwks").await <= 2);
+
+    // New keys only: the unknown kid makes portcullis fetch the JWKS again (refetches are
+    // at most one a second).
     let kids = op.rotate_keys(false).await;
     let after = token(&op, JWT_API, "read").await;
     assert_eq!(
@@ -471,8 +486,11 @@ async fn key_rotation_is_followed_without_a_restart() {
         Some(kids[0].as_str())
     );
     tokio::time::sleep(Duration::from_millis(1100)).await;
+    let fetched = op.requests_to("/jwks").await;
     let reply = bearer(&stack, "/jwks", &after).await;
     assert_eq!(reply.status, 200, "{reply:?}");
+    assert_eq!(userinfo(&reply), claims_of(&after));
+    assert_eq!(op.requests_to("/jwks").await, fetched + 1);
     // The old key was dropped from the JWKS, so tokens it signed are refused now.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     assert_invalid_token(&bearer(&stack, "/jwks", &before).await, "no key");
@@ -501,6 +519,7 @@ async fn opaque_tokens_are_introspected_and_the_answer_is_cached() {
         route(&op, "/discovered", json!({})),
     ])
     .await;
+    let introspection = "/token/introspection";
     let opaque = token(&op, OPAQUE_API, "read").await;
     assert_eq!(opaque.split('.').count(), 1, "opaque: {opaque}");
 
@@ -514,10 +533,23 @@ async fn opaque_tokens_are_introspected_and_the_answer_is_cached() {
     assert_eq!(claims["scope"], "read");
     assert_eq!(claims["client_id"], "svc");
     assert_eq!(claims["iss"], op.issuer.as_str());
-    assert_eq!(bearer(&stack, "/post", &opaque).await.status, 200);
-    assert_eq!(bearer(&stack, "/discovered", &opaque).await.status, 200);
+    assert_eq!(op.requests_to(introspection).await, 1);
+    // The second request is answered from the cache: the OP is not asked again.
+    let again = bearer(&stack, "/basic", &opaque).await;
+    assert_eq!(userinfo(&again), claims);
+    assert_eq!(op.requests_to(introspection).await, 1);
 
-    // active:false and a refused client both mean an invalid token.
+    // client_secret_post, and the endpoint named by the discovery document, each with a
+    // token of its own so that each really asks the OP.
+    let posted = token(&op, OPAQUE_API, "read").await;
+    assert_eq!(bearer(&stack, "/post", &posted).await.status, 200);
+    assert_eq!(op.requests_to(introspection).await, 2);
+    let discovered = token(&op, OPAQUE_API, "read").await;
+    assert_eq!(bearer(&stack, "/discovered", &discovered).await.status, 200);
+    assert_eq!(op.requests_to(introspection).await, 3);
+
+    // active:false and a refused client both mean an invalid token; a route with other
+    // credentials never rides on another route's cached answer.
     assert_invalid_token(
         &bearer(&stack, "/basic", "no-such-token").await,
         "invalid token",
@@ -526,17 +558,18 @@ async fn opaque_tokens_are_introspected_and_the_answer_is_cached() {
         &bearer(&stack, "/wrong-secret", &opaque).await,
         "introspection failed",
     );
+    assert_eq!(op.requests_to(introspection).await, 5);
 
-    // The OP goes away: the answers already given are served from the cache, until
-    // introspection_interval runs out on the route that sets one.
+    // The OP goes away: the answers already given are still served from the cache,
+    // until introspection_interval runs out on the route that sets one.
     drop(op);
     let started = Instant::now();
     let cached = bearer(&stack, "/basic", &opaque).await;
     assert_eq!(userinfo(&cached), claims, "served from the cache");
     assert!(started.elapsed() < Duration::from_secs(1));
-    assert_eq!(bearer(&stack, "/discovered", &opaque).await.status, 200);
+    assert_eq!(bearer(&stack, "/discovered", &discovered).await.status, 200);
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    let expired = bearer(&stack, "/post", &opaque).await;
+    let expired = bearer(&stack, "/post", &posted).await;
     assert_invalid_token(&expired, "introspection failed");
     assert_eq!(bearer(&stack, "/basic", &opaque).await.status, 200);
 

@@ -356,6 +356,13 @@ impl OidcProvider {
         response.json().await.expect("JSON from introspection")
     }
 
+    /// TEST CONTROL: how many requests the OP has served at `path` (e.g.
+    /// `/token/introspection`, `/jwks`), to prove a relying party answered from its cache.
+    pub async fn requests_to(&self, path: &str) -> u64 {
+        let counts = self.get_json(&self.url("/__test/requests")).await;
+        counts[path].as_u64().unwrap_or(0)
+    }
+
     /// TEST CONTROL: a new RS256 and ES256 key pair becomes current; `keep_old` keeps the
     /// previous keys in the JWKS. Returns the new current kids (RS256 first).
     pub async fn rotate_keys(&self, keep_old: bool) -> Vec<String> {
