@@ -369,6 +369,16 @@ async fn bad_jwts_are_refused_as_invalid_tokens() {
     assert_invalid_token(&bearer(&stack, "/jwks", &es).await, "unexpected algorithm");
     // Not a JWT at all.
     assert_invalid_token(&bearer(&stack, "/jwks", "not-a-jwt").await, "invalid jwt");
+    // Two Authorization headers reach portcullis joined by a comma: never split, refused.
+    let twice = stack
+        .send(
+            stack
+                .request(Method::GET, "/jwks")
+                .header("Authorization", format!("Bearer {good}"))
+                .header("Authorization", format!("Bearer {good}")),
+        )
+        .await;
+    assert_invalid_token(&twice, "invalid token format");
 
     // A verified token for someone else: APISIX's audience answer is a 403.
     let other = token(&op, OTHER_API, "read").await;

@@ -50,6 +50,17 @@ pub fn presented<'a>(
     }
 }
 
+/// RFC 6750's `b64token` syntax. Anything else (spaces, commas from two `Authorization`
+/// headers Envoy joined, control bytes) is refused before the OP is asked or a JWT parsed.
+pub fn is_token_syntax(token: &str) -> bool {
+    let body = token.trim_end_matches('=');
+    !body.is_empty()
+        && token.len() <= MAX_TOKEN_LEN
+        && body
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._~+/".contains(&b))
+}
+
 /// Where verification keys come from.
 pub enum Keys<'a> {
     Fixed(&'a DecodingKey),
@@ -316,6 +327,16 @@ mod tests {
             Presented::Token("xyz")
         ));
         assert!(matches!(presented(None, None), Presented::None));
+    }
+
+    #[test]
+    fn only_b64token_syntax_is_a_token() {
+        assert!(is_token_syntax("eyJ.eyJ.sig-_"));
+        assert!(is_token_syntax("abc+/=="));
+        for bad in ["", "==", "a b", "a,Bearer b", "a\tb", "a\u{0}"] {
+            assert!(!is_token_syntax(bad), "{bad:?}");
+        }
+        assert!(!is_token_syntax(&"a".repeat(MAX_TOKEN_LEN + 1)));
     }
 
     #[test]
