@@ -590,6 +590,34 @@ async fn opaque_tokens_are_introspected_and_the_answer_is_cached() {
         "introspection failed",
     );
     assert!(started.elapsed() < Duration::from_secs(2));
+
+    // The cache and the failed calls show in the metrics.
+    let metrics = stack
+        .client
+        .get(stack.portcullis.http_url("/metrics"))
+        .send()
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    let line = |parts: &[&str]| metrics.lines().any(|l| parts.iter().all(|p| l.contains(p)));
+    assert!(
+        line(&[
+            "portcullis_cache_total{",
+            r#"cache="openid-connect-introspection""#,
+            r#"result="hit""#
+        ]),
+        "{metrics}"
+    );
+    assert!(
+        line(&[
+            "portcullis_outbound_errors_total{",
+            r#"plugin="openid-connect""#,
+            r#"kind="connect""#
+        ]),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]

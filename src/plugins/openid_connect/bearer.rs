@@ -15,7 +15,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use super::provider::{Shared, read_json, transport};
+use super::provider::{Shared, read_json, record_cache, record_outbound, transport};
 use super::{AuthMethod, Settings};
 
 /// Tokens longer than this are refused before any decoding.
@@ -214,8 +214,10 @@ pub async fn introspect(
     let max_age = (settings.introspection_interval > 0)
         .then(|| Duration::from_secs(settings.introspection_interval));
     if let Some(hit) = shared.cached_introspection(&key, max_age) {
+        record_cache("openid-connect-introspection", true);
         return Ok(hit);
     }
+    record_cache("openid-connect-introspection", false);
     let mut form = vec![("token", token), ("token_type_hint", "access_token")];
     let mut request = http.post(endpoint).header("accept", "application/json");
     match settings.introspection_endpoint_auth_method {
@@ -235,12 +237,18 @@ pub async fn introspect(
         tracing::error!(error = %e, "openid-connect: introspection failed");
         format!("introspection failed: {e}")
     };
-    let response = request
-        .form(&form)
-        .send()
-        .await
-        .map_err(|e| failed(transport(endpoint, &e)))?;
-    let answer = read_json(endpoint, response).await.map_err(failed)?;
+    let started = std::time::Instant::now();
+    let answer = async {
+        let response = request
+            .form(&form)
+            .send()
+            .await
+            .map_err(|e| transport(endpoint, &e))?;
+        read_json(endpoint, response).await
+    }
+    .await;
+    record_outbound(started, &answer);
+    let answer = answer.map_err(failed)?;
     if answer.get("active").and_then(Value::as_bool) != Some(true) {
         return Err("invalid token".into());
     }

@@ -106,6 +106,17 @@ pub enum FetchError {
     Document { url: String, reason: String },
 }
 
+impl FetchError {
+    /// The `kind` label of `portcullis_outbound_errors_total`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            FetchError::Transport { reason, .. } if reason == "timed out" => "timeout",
+            FetchError::Transport { reason, .. } if reason == "connection failed" => "connect",
+            _ => "other",
+        }
+    }
+}
+
 impl Shared {
     /// The pooled client for a route's `timeout` and `ssl_verify`.
     pub fn client(&self, timeout: Duration, ssl_verify: bool) -> reqwest::Client {
@@ -250,13 +261,36 @@ fn parse_jwks(doc: &Value) -> Option<Vec<Key>> {
 }
 
 pub async fn get_json(http: &reqwest::Client, url: &str) -> Result<Value, FetchError> {
-    let response = http
-        .get(url)
-        .header("accept", "application/json")
-        .send()
-        .await
-        .map_err(|e| transport(url, &e))?;
-    read_json(url, response).await
+    let started = Instant::now();
+    let result = async {
+        let response = http
+            .get(url)
+            .header("accept", "application/json")
+            .send()
+            .await
+            .map_err(|e| transport(url, &e))?;
+        read_json(url, response).await
+    }
+    .await;
+    record_outbound(started, &result);
+    result
+}
+
+/// `portcullis_outbound_duration_seconds` and `portcullis_outbound_errors_total` for one
+/// call to the OP, labelled as forward-auth labels its calls.
+pub fn record_outbound<T>(started: Instant, result: &Result<T, FetchError>) {
+    metrics::histogram!("portcullis_outbound_duration_seconds", "plugin" => "openid-connect")
+        .record(started.elapsed().as_secs_f64());
+    if let Err(e) = result {
+        metrics::counter!("portcullis_outbound_errors_total", "plugin" => "openid-connect", "kind" => e.kind())
+            .increment(1);
+    }
+}
+
+/// `portcullis_cache_total{cache, result}` for the plugin's caches.
+pub fn record_cache(cache: &'static str, hit: bool) {
+    let result = if hit { "hit" } else { "miss" };
+    metrics::counter!("portcullis_cache_total", "cache" => cache, "result" => result).increment(1);
 }
 
 /// Reads a JSON answer of bounded size; any status other than 2xx is an error.
