@@ -639,7 +639,7 @@ async fn an_unreachable_or_silent_provider_is_a_quick_401() {
     };
     let routes = vec![
         json!({ "id": "dead", "uri": "/dead",
-                "plugins": { "openid-connect": conf(dead_port, json!({ "use_jwks": true })) } }),
+                "plugins": { "openid-connect": conf(dead_port, json!({ "use_jwks": true, "timeout": 3 })) } }),
         json!({ "id": "silent", "uri": "/silent",
                 "plugins": { "openid-connect": conf(silent_port, json!({ "use_jwks": true })) } }),
         json!({ "id": "silent-introspection", "uri": "/silent-introspection",
@@ -660,15 +660,17 @@ async fn an_unreachable_or_silent_provider_is_a_quick_401() {
         &bearer(&stack, "/dead", &token).await,
         "issuer validation unavailable",
     );
-    assert!(started.elapsed() < Duration::from_millis(900));
+    // A refused connection is answered at once, not after the 3 s timeout.
+    assert!(started.elapsed() < Duration::from_millis(1500));
 
     for path in ["/silent", "/silent-introspection"] {
         let started = Instant::now();
         let reply = bearer(&stack, path, &token).await;
         let took = started.elapsed();
+        // 401 from portcullis, not Envoy's own 403 after its 4 s ext_authz timeout.
         assert_eq!(reply.status, 401, "{path}: {reply:?}");
         assert!(
-            took >= Duration::from_millis(900) && took < Duration::from_millis(2500),
+            took >= Duration::from_millis(900) && took < Duration::from_millis(3500),
             "{path}: denied after {took:?}, expected about the 1 s timeout"
         );
     }
