@@ -58,6 +58,9 @@ if [ -z "$PORTCULLIS" ]; then
 fi
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/portcullis-load.XXXXXX")
+# nginx workers drop to an unprivileged user when started as root: they must be able to
+# read the OIDC documents served from here (mktemp -d makes the directory 0700).
+chmod 755 "$WORK"
 PIDS=()
 cleanup() {
   local pid
