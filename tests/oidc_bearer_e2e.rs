@@ -93,6 +93,15 @@ fn route(op: &OidcProvider, uri: &str, extra: Value) -> Value {
     json!({ "id": uri.trim_start_matches('/'), "uri": uri, "plugins": { "openid-connect": conf } })
 }
 
+/// The route without `client_secret`, which `public_key` and `use_jwks` do not need.
+fn without_secret(mut route: Value) -> Value {
+    route["plugins"]["openid-connect"]
+        .as_object_mut()
+        .expect("settings")
+        .remove("client_secret");
+    route
+}
+
 async fn stack(routes: Vec<Value>) -> Stack {
     Stack::start(&json!({ "routes": routes }).to_string()).await
 }
@@ -419,6 +428,28 @@ async fn required_scopes_missing_is_forbidden() {
         "required scopes read, write not present",
     );
 
+    // The same plugin configured through the Admin API, as APISIX users do; a config
+    // APISIX would refuse is refused with its message.
+    let admin = stack.admin();
+    let mut added = without_secret(route(&op, "/admin-added", json!({ "use_jwks": true })));
+    added["id"] = "admin-added".into();
+    let (status, body) = admin.put("routes/admin-added", added).await;
+    assert!(status == 200 || status == 201, "{status} {body}");
+    assert_eq!(bearer(&stack, "/admin-added", &read).await.status, 200);
+    let (status, body) = admin
+        .put(
+            "routes/no-secret",
+            json!({ "uri": "/no-secret", "plugins": { "openid-connect": {
+                "client_id": RP_ID, "discovery": op.discovery_url(), "bearer_only": true } } }),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    let message = body["error_msg"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("openid-connect") && message.contains("client_secret"),
+        "{body}"
+    );
+
     let opaque_write = token(&op, OPAQUE_API, "write").await;
     assert_eq!(bearer(&stack, "/opaque", &opaque_write).await.status, 200);
     let opaque_read = token(&op, OPAQUE_API, "read").await;
@@ -433,12 +464,11 @@ async fn a_public_key_built_from_the_jwks_verifies_tokens() {
     let op = provider().await;
     let pem = rs256_pem(&op).await;
     let stack = stack(vec![
-        route(
+        without_secret(route(
             &op,
             "/pem",
-            json!({ "public_key": pem, "client_secret": null,
-                    "token_signing_alg_values_expected": "RS256" }),
-        ),
+            json!({ "public_key": pem, "token_signing_alg_values_expected": "RS256" }),
+        )),
         route(
             &op,
             "/pem-pinned-issuer",
