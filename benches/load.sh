@@ -53,6 +53,9 @@ NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 build_portcullis
 
 make_workdir load
+# nginx workers drop to an unprivileged user when started as root: they must be able to
+# read the OIDC documents served from here (mktemp -d makes the directory 0700).
+chmod 755 "$WORK"
 
 wait_http() { # url, what
   local i

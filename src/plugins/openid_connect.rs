@@ -216,6 +216,13 @@ impl Plugin {
         if settings.timeout < 1 {
             return Err("property \"timeout\" must be at least 1".into());
         }
+        // Older APISIX stored `timeout` multiplied to milliseconds; it still reads a whole
+        // multiple of 1000 as milliseconds.
+        let timeout_secs = if settings.timeout >= 1000 && settings.timeout % 1000 == 0 {
+            settings.timeout / 1000
+        } else {
+            settings.timeout
+        };
         if settings.realm.is_empty()
             || !settings
                 .realm
@@ -277,7 +284,7 @@ impl Plugin {
             .map(flow::SessionConfig::compile)
             .transpose()?;
         Ok(Plugin {
-            timeout: Duration::from_secs(settings.timeout),
+            timeout: Duration::from_secs(timeout_secs),
             settings,
             public_key,
             algorithms,
@@ -345,6 +352,9 @@ impl Plugin {
     ) -> Result<Value, Deny> {
         let shared = &cx.shared.openid_connect;
         let s = &self.settings;
+        if !bearer::is_token_syntax(token) {
+            return Err(self.invalid_token("invalid token format"));
+        }
         if self.public_key.is_some() || s.use_jwks {
             let issuers = match s
                 .claim_validator
@@ -353,37 +363,31 @@ impl Plugin {
                 .and_then(|i| i.valid_issuers.clone())
             {
                 Some(issuers) => issuers,
-                None => match shared.discovery(http, &s.discovery).await {
-                    Ok(doc) => vec![doc.issuer.clone()],
-                    Err(e) => {
-                        tracing::error!(error = %e, "openid-connect: discovery failed");
-                        return Err(self.invalid_token("issuer validation unavailable"));
-                    }
-                },
+                // Without its issuer nothing pins who signed: fail closed, as APISIX does.
+                None => vec![
+                    self.discovered(shared, http, "issuer validation unavailable")
+                        .await?
+                        .issuer
+                        .clone(),
+                ],
             };
+            let jwks_uri;
             let keys = match &self.public_key {
                 Some(key) => bearer::Keys::Fixed(key),
                 None => {
-                    let doc = shared.discovery(http, &s.discovery).await.map_err(|e| {
-                        tracing::error!(error = %e, "openid-connect: discovery failed");
-                        self.invalid_token("discovery document unavailable")
-                    })?;
-                    let Some(url) = doc.jwks_uri.clone() else {
-                        return Err(self.invalid_token("the provider publishes no jwks_uri"));
-                    };
-                    return bearer::verify_jwt(
-                        token,
-                        bearer::Keys::Jwks {
-                            shared,
-                            http,
-                            url: &url,
-                            ttl: Duration::from_secs(s.jwk_expires_in),
-                        },
-                        &self.algorithms,
-                        &issuers,
-                    )
-                    .await
-                    .map_err(|e| self.invalid_token(&e));
+                    let doc = self
+                        .discovered(shared, http, "discovery document unavailable")
+                        .await?;
+                    jwks_uri = doc
+                        .jwks_uri
+                        .clone()
+                        .ok_or_else(|| self.invalid_token("the provider publishes no jwks_uri"))?;
+                    bearer::Keys::Jwks {
+                        shared,
+                        http,
+                        url: &jwks_uri,
+                        ttl: Duration::from_secs(s.jwk_expires_in),
+                    }
                 }
             };
             return bearer::verify_jwt(token, keys, &self.algorithms, &issuers)
@@ -392,16 +396,12 @@ impl Plugin {
         }
         let endpoint = match &s.introspection_endpoint {
             Some(e) => e.clone(),
-            None => match shared.discovery(http, &s.discovery).await {
-                Ok(doc) => match &doc.introspection_endpoint {
-                    Some(e) => e.clone(),
-                    None => return Err(self.invalid_token("no introspection endpoint")),
-                },
-                Err(e) => {
-                    tracing::error!(error = %e, "openid-connect: discovery failed");
-                    return Err(self.invalid_token("discovery document unavailable"));
-                }
-            },
+            None => self
+                .discovered(shared, http, "discovery document unavailable")
+                .await?
+                .introspection_endpoint
+                .clone()
+                .ok_or_else(|| self.invalid_token("no introspection endpoint"))?,
         };
         let addon: Vec<(String, String)> = s
             .introspection_addon_headers
@@ -416,6 +416,23 @@ impl Plugin {
             .await
             .map(|claims| (*claims).clone())
             .map_err(|e| self.invalid_token(&e))
+    }
+
+    /// The OP's discovery document; when it cannot be had, the failure is logged and the
+    /// token is refused with `reason`.
+    async fn discovered(
+        &self,
+        shared: &Shared,
+        http: &reqwest::Client,
+        reason: &str,
+    ) -> Result<std::sync::Arc<provider::Discovery>, Deny> {
+        shared
+            .discovery(http, &self.settings.discovery)
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "openid-connect: discovery failed");
+                self.invalid_token(reason)
+            })
     }
 
     fn invalid_token(&self, reason: &str) -> Deny {
@@ -567,6 +584,13 @@ mod tests {
         pkce["use_pkce"] = true.into();
         pkce["session"] = serde_json::json!({ "secret": "sixteen-chars-ok!" });
         assert!(compile(pkce).is_ok());
+
+        let mut millis = bearer.clone();
+        millis["timeout"] = 3000.into();
+        assert_eq!(compile(millis).unwrap().timeout, Duration::from_secs(3));
+        let mut seconds = bearer.clone();
+        seconds["timeout"] = 1500.into();
+        assert_eq!(compile(seconds).unwrap().timeout, Duration::from_secs(1500));
 
         let mut unknown = bearer.clone();
         unknown["dpop"] = serde_json::json!({ "enabled": true });

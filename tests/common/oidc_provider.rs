@@ -18,8 +18,12 @@ use std::time::Duration;
 use serde::Serialize;
 use serde_json::Value;
 
-/// How long the OP may take to print its ready line (it starts in well under a second).
-const START_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long the OP may take to print its ready line (it starts in well under a second on an
+/// idle machine; a loaded shared CI machine has been seen to need more than 20 s).
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// OPs of one test binary start one at a time: node's start-up (module loading, RSA key
+/// generation) is CPU-heavy, and parallel tests starting several at once starve each other.
+static STARTING: Mutex<()> = Mutex::new(());
 /// How many redirects and forms a scripted login or logout may go through before giving up.
 const MAX_STEPS: usize = 16;
 
@@ -198,6 +202,7 @@ impl OidcProvider {
                 .is_file(),
             "the test OpenID Provider is not installed; run: npm ci --prefix tests/oidc"
         );
+        let _one_at_a_time = STARTING.lock().unwrap_or_else(|e| e.into_inner());
         let settings_json = serde_json::to_string(settings).expect("settings serialise");
         let mut child = Command::new("node")
             .arg(dir.join("provider.mjs"))
@@ -354,6 +359,13 @@ impl OidcProvider {
             response.status()
         );
         response.json().await.expect("JSON from introspection")
+    }
+
+    /// TEST CONTROL: how many requests the OP has served at `path` (e.g.
+    /// `/token/introspection`, `/jwks`), to prove a relying party answered from its cache.
+    pub async fn requests_to(&self, path: &str) -> u64 {
+        let counts = self.get_json(&self.url("/__test/requests")).await;
+        counts[path].as_u64().unwrap_or(0)
     }
 
     /// TEST CONTROL: a new RS256 and ES256 key pair becomes current; `keep_old` keeps the

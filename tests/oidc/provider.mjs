@@ -37,6 +37,8 @@
 //     codes and tokens survive because the provider keeps them in one in-process store.
 //     Answers {"kids": [...current kids, newest first], "jwks": {...public JWKS}}.
 //   GET /__test/keys  answers the same document without changing anything.
+//   GET /__test/requests  answers {"<path>": count} of the OP requests served so far (test
+//     control excluded), so a test can prove that a relying party answered from its cache.
 // Environment: OIDC_PROVIDER_EXIT_ON_STDIN_EOF=1 makes the process exit when its stdin closes.
 // Rotation works through the public API only: a new Provider instance is built with the new
 // key set and takes over request handling; the OP implementation itself is not altered.
@@ -305,6 +307,9 @@ async function testControl(req, res, issuer) {
     res.end(JSON.stringify(body));
   };
   const path = new URL(req.url, issuer).pathname;
+  if (path === '/__test/requests' && req.method === 'GET') {
+    return send(200, Object.fromEntries(requestCounts));
+  }
   if (path === '/__test/keys' && req.method === 'GET') {
     return send(200, keysDocument());
   }
@@ -324,7 +329,13 @@ async function testControl(req, res, issuer) {
   return send(404, { error: `no test-control route ${req.method} ${path}` });
 }
 
+const requestCounts = new Map(); // path -> number of OP requests served
+
 const server = createServer((req, res) => {
+  if (!req.url.startsWith('/__test/')) {
+    const path = new URL(req.url, server.issuer).pathname;
+    requestCounts.set(path, (requestCounts.get(path) ?? 0) + 1);
+  }
   if (req.url.startsWith('/__test/')) {
     testControl(req, res, server.issuer).catch((err) => {
       res.writeHead(500, { 'content-type': 'application/json' });

@@ -15,7 +15,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use super::provider::{Shared, read_json, transport};
+use super::provider::{Shared, read_json, record_cache, record_outbound, transport};
 use super::{AuthMethod, Settings};
 
 /// Tokens longer than this are refused before any decoding.
@@ -48,6 +48,17 @@ pub fn presented<'a>(
             Some(_) => Presented::None,
         },
     }
+}
+
+/// RFC 6750's `b64token` syntax. Anything else (spaces, commas from two `Authorization`
+/// headers Envoy joined, control bytes) is refused before the OP is asked or a JWT parsed.
+pub fn is_token_syntax(token: &str) -> bool {
+    let body = token.trim_end_matches('=');
+    !body.is_empty()
+        && token.len() <= MAX_TOKEN_LEN
+        && body
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._~+/".contains(&b))
 }
 
 /// Where verification keys come from.
@@ -104,20 +115,20 @@ pub async fn verify_jwt(
             let mut set = shared
                 .jwks(http, url, ttl, false)
                 .await
-                .map_err(|e| format!("failed to fetch the JWKS: {e}"))?;
+                .map_err(jwks_failed)?;
             if pick(&set.keys, kid, header.alg).is_none() {
                 // A key we have never seen: the OP may have rotated.
                 set = shared
                     .jwks(http, url, ttl, true)
                     .await
-                    .map_err(|e| format!("failed to fetch the JWKS: {e}"))?;
+                    .map_err(jwks_failed)?;
             }
             let key = pick(&set.keys, kid, header.alg)
                 .ok_or_else(|| "no key in the JWKS matches the token".to_owned())?;
             decode(&key.key)
         }
     };
-    result.map_err(|e| {
+    let claims = result.map_err(|e| {
         use jsonwebtoken::errors::ErrorKind;
         match e.kind() {
             ErrorKind::ExpiredSignature => "token expired".to_owned(),
@@ -127,7 +138,17 @@ pub async fn verify_jwt(
             ErrorKind::MissingRequiredClaim(c) => format!("token has no \"{c}\" claim"),
             other => format!("invalid jwt: {other:?}"),
         }
-    })
+    })?;
+    // jsonwebtoken accepts `exp == now`; APISIX's validator wants `exp` strictly ahead.
+    match claims.get("exp").and_then(Value::as_f64) {
+        Some(exp) if exp > super::now() as f64 => Ok(claims),
+        _ => Err("token expired".into()),
+    }
+}
+
+fn jwks_failed(e: super::provider::FetchError) -> String {
+    tracing::error!(error = %e, "openid-connect: JWKS fetch failed");
+    format!("failed to fetch the JWKS: {e}")
 }
 
 /// The key a token names: by `kid`; without one, the only key (or the only one for its
@@ -188,12 +209,16 @@ pub async fn introspect(
     if token.len() > MAX_TOKEN_LEN {
         return Err("token too large".into());
     }
-    let key = cache_key(endpoint, &settings.client_id, token);
-    if let Some(hit) = shared.cached_introspection(&key) {
+    let secret = settings.client_secret.as_deref().unwrap_or_default();
+    let key = cache_key(&[endpoint, &settings.client_id, secret, token]);
+    let max_age = (settings.introspection_interval > 0)
+        .then(|| Duration::from_secs(settings.introspection_interval));
+    if let Some(hit) = shared.cached_introspection(&key, max_age) {
+        record_cache("openid-connect-introspection", true);
         return Ok(hit);
     }
+    record_cache("openid-connect-introspection", false);
     let mut form = vec![("token", token), ("token_type_hint", "access_token")];
-    let secret = settings.client_secret.as_deref().unwrap_or_default();
     let mut request = http.post(endpoint).header("accept", "application/json");
     match settings.introspection_endpoint_auth_method {
         AuthMethod::ClientSecretBasic => {
@@ -208,14 +233,22 @@ pub async fn introspect(
     for (name, value) in addon_headers {
         request = request.header(name, value);
     }
-    let response = request
-        .form(&form)
-        .send()
-        .await
-        .map_err(|e| format!("introspection failed: {}", transport(endpoint, &e)))?;
-    let answer = read_json(endpoint, response)
-        .await
-        .map_err(|e| format!("introspection failed: {e}"))?;
+    let failed = |e: super::provider::FetchError| {
+        tracing::error!(error = %e, "openid-connect: introspection failed");
+        format!("introspection failed: {e}")
+    };
+    let started = std::time::Instant::now();
+    let answer = async {
+        let response = request
+            .form(&form)
+            .send()
+            .await
+            .map_err(|e| transport(endpoint, &e))?;
+        read_json(endpoint, response).await
+    }
+    .await;
+    record_outbound(started, &answer);
+    let answer = answer.map_err(failed)?;
     if answer.get("active").and_then(Value::as_bool) != Some(true) {
         return Err("invalid token".into());
     }
@@ -224,18 +257,38 @@ pub async fn introspect(
         .introspection_expiry_claim
         .as_deref()
         .unwrap_or("exp");
-    let now = super::now();
-    let mut ttl = match claims.get(expiry_claim).and_then(Value::as_i64) {
-        Some(exp) if exp > now => Duration::from_secs((exp - now) as u64),
-        Some(_) => return Err("token expired".into()),
-        None => Duration::ZERO,
-    };
-    if settings.introspection_interval > 0 {
-        let bound = Duration::from_secs(settings.introspection_interval);
-        ttl = if ttl.is_zero() { bound } else { ttl.min(bound) };
+    let expiry = claims.get(expiry_claim).and_then(Value::as_i64);
+    if expiry_claim == "exp" && expiry.is_some_and(|exp| exp <= super::now()) {
+        // An "active" token whose `exp` has passed is a contradiction: refuse it.
+        return Err("token expired".into());
     }
-    shared.remember_introspection(key, claims.clone(), ttl);
+    shared.remember_introspection(
+        key,
+        claims.clone(),
+        introspection_ttl(
+            expiry_claim,
+            expiry,
+            settings.introspection_interval,
+            super::now(),
+        ),
+    );
     Ok(claims)
+}
+
+/// How long an active introspection answer is reused, as lua-resty-openidc decides:
+/// only an answer that carries the expiry claim is cached; `exp` is a time, any other
+/// claim named by `introspection_expiry_claim` is a number of seconds; a positive
+/// `introspection_interval` caps the time.
+fn introspection_ttl(claim: &str, expiry: Option<i64>, interval: u64, now: i64) -> Duration {
+    let Some(expiry) = expiry else {
+        return Duration::ZERO;
+    };
+    let seconds = if claim == "exp" { expiry - now } else { expiry };
+    let mut seconds = u64::try_from(seconds).unwrap_or(0);
+    if interval > 0 {
+        seconds = seconds.min(interval);
+    }
+    Duration::from_secs(seconds)
 }
 
 /// RFC 6749 §2.3.1: client credentials in Basic auth are form-encoded first.
@@ -243,9 +296,12 @@ fn form_encode(value: &str) -> String {
     url::form_urlencoded::byte_serialize(value.as_bytes()).collect()
 }
 
-fn cache_key(endpoint: &str, client_id: &str, token: &str) -> [u8; 32] {
+/// The introspection cache key: an answer is reused only for the same token asked by the
+/// same client (id and secret) at the same endpoint, so a route whose credentials the OP
+/// refuses never rides on another route's answer. Hashed: tokens are not kept as keys.
+fn cache_key(parts: &[&str]) -> [u8; 32] {
     let mut h = Sha256::new();
-    for part in [endpoint, client_id, token] {
+    for part in parts {
         h.update((part.len() as u64).to_be_bytes());
         h.update(part.as_bytes());
     }
@@ -282,6 +338,16 @@ mod tests {
     }
 
     #[test]
+    fn only_b64token_syntax_is_a_token() {
+        assert!(is_token_syntax("eyJ.eyJ.sig-_"));
+        assert!(is_token_syntax("abc+/=="));
+        for bad in ["", "==", "a b", "a,Bearer b", "a\tb", "a\u{0}"] {
+            assert!(!is_token_syntax(bad), "{bad:?}");
+        }
+        assert!(!is_token_syntax(&"a".repeat(MAX_TOKEN_LEN + 1)));
+    }
+
+    #[test]
     fn unsigned_and_critical_headers_are_refused() {
         let none = format!(
             "{}.{}.",
@@ -294,6 +360,128 @@ mod tests {
             URL_SAFE_NO_PAD.encode(r#"{"alg":"RS256","crit":["exp"]}"#)
         );
         assert!(check_raw_header(&crit).unwrap_err().contains("critical"));
+    }
+
+    /// An ES256 key pair from a fixed scalar, as (signing, verifying) keys.
+    fn es256(seed: u8) -> (jsonwebtoken::EncodingKey, DecodingKey) {
+        use p256::pkcs8::{EncodePrivateKey, EncodePublicKey, LineEnding};
+        let secret = p256::SecretKey::from_slice(&[seed; 32]).expect("scalar");
+        let private = secret.to_pkcs8_pem(LineEnding::LF).expect("PKCS#8");
+        let public = secret
+            .public_key()
+            .to_public_key_pem(LineEnding::LF)
+            .expect("SPKI");
+        (
+            jsonwebtoken::EncodingKey::from_ec_pem(private.as_bytes()).expect("signing key"),
+            DecodingKey::from_ec_pem(public.as_bytes()).expect("verifying key"),
+        )
+    }
+
+    fn sign(
+        header: jsonwebtoken::Header,
+        claims: &Value,
+        key: &jsonwebtoken::EncodingKey,
+    ) -> String {
+        jsonwebtoken::encode(&header, claims, key).expect("sign")
+    }
+
+    #[tokio::test]
+    async fn jwt_claims_are_checked_as_strictly_as_apisix() {
+        let (signing, verifying) = es256(7);
+        let issuers = ["https://op.test".to_owned()];
+        let now = super::super::now();
+        let header = || jsonwebtoken::Header::new(Algorithm::ES256);
+        static ES: [Algorithm; 1] = [Algorithm::ES256];
+        static RS: [Algorithm; 1] = [Algorithm::RS256];
+        let verify = |token: String, algs: &'static [Algorithm]| {
+            let verifying = verifying.clone();
+            let issuers = issuers.clone();
+            async move { verify_jwt(&token, Keys::Fixed(&verifying), algs, &issuers).await }
+        };
+
+        let good = serde_json::json!({ "iss": "https://op.test", "exp": now + 60, "sub": "a" });
+        let claims = verify(sign(header(), &good, &signing), &ES).await.unwrap();
+        assert_eq!(claims["sub"], "a");
+
+        let cases = [
+            (
+                serde_json::json!({ "iss": "https://op.test", "exp": now }),
+                "token expired",
+            ),
+            (
+                serde_json::json!({ "iss": "https://op.test", "exp": now - 1 }),
+                "token expired",
+            ),
+            (
+                serde_json::json!({ "iss": "https://op.test" }),
+                "no \"exp\" claim",
+            ),
+            (
+                serde_json::json!({ "iss": "https://op.test", "exp": "9999999999" }),
+                "\"exp\"",
+            ),
+            (serde_json::json!({ "exp": now + 60 }), "no \"iss\" claim"),
+            (
+                serde_json::json!({ "iss": "https://evil.test", "exp": now + 60 }),
+                "not trusted",
+            ),
+            (
+                serde_json::json!({ "iss": "https://op.test", "exp": now + 60, "nbf": now + 30 }),
+                "not yet valid",
+            ),
+        ];
+        for (claims, reason) in cases {
+            let err = verify(sign(header(), &claims, &signing), &ES)
+                .await
+                .unwrap_err();
+            assert!(err.contains(reason), "{claims}: {err}");
+        }
+
+        // Another algorithm than the route's, and a key offered by the token itself.
+        let err = verify(sign(header(), &good, &signing), &RS)
+            .await
+            .unwrap_err();
+        assert!(err.contains("unexpected algorithm"), "{err}");
+        let (other, _) = es256(9);
+        let mut offered = header();
+        offered.jwk = Some(
+            serde_json::from_value(serde_json::json!({
+                "kty": "EC", "crv": "P-256",
+                "x": "f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU",
+                "y": "x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"
+            }))
+            .expect("JWK"),
+        );
+        let err = verify(sign(offered, &good, &other), &ES).await.unwrap_err();
+        assert_eq!(err, "signature verification failed");
+        let jwe = "a.b.c.d.e".to_owned();
+        assert!(verify(jwe, &ES).await.unwrap_err().contains("JWS"));
+    }
+
+    #[test]
+    fn introspection_answers_are_cached_until_expiry_within_the_interval() {
+        let now = 1_000_000;
+        assert_eq!(
+            introspection_ttl("exp", Some(now + 300), 0, now),
+            Duration::from_secs(300)
+        );
+        assert_eq!(
+            introspection_ttl("exp", Some(now + 300), 60, now),
+            Duration::from_secs(60)
+        );
+        assert_eq!(
+            introspection_ttl("exp", Some(now + 30), 60, now),
+            Duration::from_secs(30)
+        );
+        assert_eq!(introspection_ttl("exp", None, 60, now), Duration::ZERO);
+        assert_eq!(
+            introspection_ttl("expires_in", Some(90), 0, now),
+            Duration::from_secs(90)
+        );
+        assert_eq!(
+            introspection_ttl("exp", Some(now - 5), 0, now),
+            Duration::ZERO
+        );
     }
 
     #[test]

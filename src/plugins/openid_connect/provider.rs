@@ -56,6 +56,7 @@ pub struct KeySet {
 #[derive(Clone)]
 struct Introspected {
     claims: Arc<Value>,
+    fetched: Instant,
     until: Instant,
 }
 
@@ -105,6 +106,17 @@ pub enum FetchError {
     Document { url: String, reason: String },
 }
 
+impl FetchError {
+    /// The `kind` label of `portcullis_outbound_errors_total`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            FetchError::Transport { reason, .. } if reason == "timed out" => "timeout",
+            FetchError::Transport { reason, .. } if reason == "connection failed" => "connect",
+            _ => "other",
+        }
+    }
+}
+
 impl Shared {
     /// The pooled client for a route's `timeout` and `ssl_verify`.
     pub fn client(&self, timeout: Duration, ssl_verify: bool) -> reqwest::Client {
@@ -116,6 +128,9 @@ impl Shared {
             .timeout(timeout)
             .connect_timeout(timeout)
             .redirect(reqwest::redirect::Policy::none())
+            // APISIX reaches the OP through a proxy only with `proxy_opts`, which
+            // portcullis refuses: never take one from the environment.
+            .no_proxy()
             .danger_accept_invalid_certs(!ssl_verify)
             .user_agent(concat!("portcullis/", env!("CARGO_PKG_VERSION")))
             .build()
@@ -189,8 +204,17 @@ impl Shared {
         Ok(set)
     }
 
-    pub fn cached_introspection(&self, key: &[u8; 32]) -> Option<Arc<Value>> {
+    /// A cached answer younger than `max_age` (a route's `introspection_interval`, so
+    /// routes with different intervals sharing one answer each get their own bound).
+    pub fn cached_introspection(
+        &self,
+        key: &[u8; 32],
+        max_age: Option<Duration>,
+    ) -> Option<Arc<Value>> {
         let hit = self.introspection.get(key)?;
+        if max_age.is_some_and(|max| hit.fetched.elapsed() >= max) {
+            return None;
+        }
         if hit.until > Instant::now() {
             Some(hit.claims)
         } else {
@@ -203,11 +227,13 @@ impl Shared {
         if ttl.is_zero() {
             return;
         }
+        let now = Instant::now();
         self.introspection.insert(
             key,
             Introspected {
                 claims,
-                until: Instant::now() + ttl,
+                fetched: now,
+                until: now + ttl,
             },
         );
     }
@@ -235,13 +261,36 @@ fn parse_jwks(doc: &Value) -> Option<Vec<Key>> {
 }
 
 pub async fn get_json(http: &reqwest::Client, url: &str) -> Result<Value, FetchError> {
-    let response = http
-        .get(url)
-        .header("accept", "application/json")
-        .send()
-        .await
-        .map_err(|e| transport(url, &e))?;
-    read_json(url, response).await
+    let started = Instant::now();
+    let result = async {
+        let response = http
+            .get(url)
+            .header("accept", "application/json")
+            .send()
+            .await
+            .map_err(|e| transport(url, &e))?;
+        read_json(url, response).await
+    }
+    .await;
+    record_outbound(started, &result);
+    result
+}
+
+/// `portcullis_outbound_duration_seconds` and `portcullis_outbound_errors_total` for one
+/// call to the OP, labelled as forward-auth labels its calls.
+pub fn record_outbound<T>(started: Instant, result: &Result<T, FetchError>) {
+    metrics::histogram!("portcullis_outbound_duration_seconds", "plugin" => "openid-connect")
+        .record(started.elapsed().as_secs_f64());
+    if let Err(e) = result {
+        metrics::counter!("portcullis_outbound_errors_total", "plugin" => "openid-connect", "kind" => e.kind())
+            .increment(1);
+    }
+}
+
+/// `portcullis_cache_total{cache, result}` for the plugin's caches.
+pub fn record_cache(cache: &'static str, hit: bool) {
+    let result = if hit { "hit" } else { "miss" };
+    metrics::counter!("portcullis_cache_total", "cache" => cache, "result" => result).increment(1);
 }
 
 /// Reads a JSON answer of bounded size; any status other than 2xx is an error.
