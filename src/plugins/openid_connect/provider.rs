@@ -68,6 +68,9 @@ pub struct Shared {
     /// Serialises JWKS fetches per URL so a burst of unknown `kid`s costs one fetch.
     jwks_fetch: DashMap<String, Arc<tokio::sync::Mutex<()>>>,
     introspection: moka::sync::Cache<[u8; 32], Introspected>,
+    /// JWTs whose signature verified against a JWKS, by the key set they verified
+    /// with: a rotated JWKS is a new set, so its tokens verify afresh.
+    pub verified: crate::plugins::verified::VerifiedTokens<KeySet>,
 }
 
 impl Default for Shared {
@@ -81,6 +84,7 @@ impl Default for Shared {
                 .max_capacity(INTROSPECTION_CACHE_SIZE)
                 .time_to_live(Duration::from_secs(24 * 3600))
                 .build(),
+            verified: Default::default(),
         }
     }
 }
