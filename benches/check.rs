@@ -344,6 +344,118 @@ routes:
     );
 }
 
+/// openid-connect bearer-only, every measured Check answered from portcullis's
+/// caches: an RS256 JWT checked against the JWKS (key set and verified token
+/// cached), and an opaque token whose introspection answer is cached. The discovery
+/// document, the JWKS and the introspection endpoint are served by a real HTTP
+/// server on loopback (axum, its own thread) that counts the introspection calls:
+/// the row asserts only the first, asserted Check reached it.
+fn openid_connect_bearer(c: &mut Criterion) {
+    use rsa::pkcs1::EncodeRsaPrivateKey;
+    use rsa::traits::PublicKeyParts;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static INTROSPECTIONS: AtomicUsize = AtomicUsize::new(0);
+    let b64 = |bytes: &[u8]| {
+        base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, bytes)
+    };
+    let private = rsa::RsaPrivateKey::new(&mut rsa::rand_core::OsRng, 2048).expect("rsa key");
+    let jwk = serde_json::json!({"keys": [{
+        "kty": "RSA", "alg": "RS256", "use": "sig", "kid": "bench",
+        "n": b64(&private.n().to_bytes_be()), "e": b64(&private.e().to_bytes_be()),
+    }]});
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind OP");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let issuer = format!("http://127.0.0.1:{}", listener.local_addr().unwrap().port());
+    let discovery = serde_json::json!({
+        "issuer": issuer,
+        "jwks_uri": format!("{issuer}/jwks"),
+        "introspection_endpoint": format!("{issuer}/introspect"),
+    });
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let introspected = serde_json::json!({
+        "active": true, "sub": "alice", "scope": "openid", "client_id": "bench",
+        "iss": issuer, "exp": now + 3600,
+    });
+    std::thread::spawn(move || {
+        tokio().block_on(async move {
+            let app = axum::Router::new()
+                .route(
+                    "/.well-known/openid-configuration",
+                    axum::routing::get(move || async move { axum::Json(discovery) }),
+                )
+                .route(
+                    "/jwks",
+                    axum::routing::get(move || async move { axum::Json(jwk) }),
+                )
+                .route(
+                    "/introspect",
+                    axum::routing::post(move || async move {
+                        INTROSPECTIONS.fetch_add(1, Ordering::Relaxed);
+                        axum::Json(introspected)
+                    }),
+                );
+            let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
+            axum::serve(listener, app).await.expect("OP");
+        });
+    });
+    let runtime = runtime_from(&format!(
+        r#"
+routes:
+  - id: jwks
+    uri: /jwks/*
+    plugins:
+      openid-connect: {{ client_id: bench, client_secret: bench-secret, discovery: "{issuer}/.well-known/openid-configuration", bearer_only: true, use_jwks: true }}
+  - id: introspect
+    uri: /introspect/*
+    plugins:
+      openid-connect: {{ client_id: bench, client_secret: bench-secret, discovery: "{issuer}/.well-known/openid-configuration", bearer_only: true }}
+"#
+    ));
+    let pem = private
+        .to_pkcs1_pem(rsa::pkcs8::LineEnding::LF)
+        .expect("pem");
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+    header.kid = Some("bench".into());
+    let token = jsonwebtoken::encode(
+        &header,
+        &serde_json::json!({"iss": issuer, "sub": "alice", "aud": "bench", "exp": now + 3600, "iat": now}),
+        &jsonwebtoken::EncodingKey::from_rsa_pem(pem.as_bytes()).expect("rsa pem"),
+    )
+    .expect("sign");
+    let msg = support::check_request(
+        "/jwks/item",
+        &[("authorization", &format!("Bearer {token}"))],
+    );
+    bench_check(
+        c,
+        "openid-connect",
+        "bearer JWT, JWKS (cached)",
+        &runtime,
+        &msg,
+        Code::Ok,
+    );
+    let msg = support::check_request(
+        "/introspect/item",
+        &[("authorization", "Bearer opaque-bench-token-0123456789")],
+    );
+    bench_check(
+        c,
+        "openid-connect",
+        "introspection cache hit",
+        &runtime,
+        &msg,
+        Code::Ok,
+    );
+    assert_eq!(
+        INTROSPECTIONS.load(Ordering::Relaxed),
+        1,
+        "only the first Check may reach the introspection endpoint"
+    );
+}
+
 fn setup() {
     // As `portcullis serve`: the Prometheus recorder receives every Check's metrics.
     let _ = portcullis::telemetry::init_metrics();
@@ -357,6 +469,7 @@ fn all(c: &mut Criterion) {
     credential_lookup(c);
     forward_auth_cache_hit(c);
     openid_connect_session(c);
+    openid_connect_bearer(c);
 }
 
 criterion_group! {
