@@ -405,48 +405,30 @@ impl OidcProvider {
         authorize_url: &str,
         login: &str,
     ) -> String {
-        let mut next = Step::Get(authorize_url.to_owned());
-        for _ in 0..MAX_STEPS {
-            let response = match &next {
-                Step::Get(url) => browser.get(url).send().await,
-                Step::Post(url, form) => browser.post(url).form(form).send().await,
-            }
-            .expect("request at the OP");
-            let at = response.url().clone();
-            if response.status().is_redirection() {
-                let location = redirect_target(&response);
-                if !location.starts_with(&self.issuer) {
-                    return location;
-                }
-                next = Step::Get(location);
-                continue;
-            }
-            let status = response.status();
-            let page = response.text().await.expect("page from the OP");
-            assert!(
-                status.is_success(),
-                "the OP answered {status} at {at}:\n{page}"
-            );
+        self.walk(browser, authorize_url, "login", |at, page| {
             let action = at
-                .join(&form_action(&page))
+                .join(&form_action(page))
                 .expect("form action")
                 .to_string();
-            next = if page.contains(r#"name="prompt" value="login""#) {
-                Step::Post(
+            if page.contains(r#"name="prompt" value="login""#) {
+                Page::Next(Step::Post(
                     action,
                     vec![
                         ("prompt".into(), "login".into()),
                         ("login".into(), login.into()),
                         ("password".into(), "any password".into()),
                     ],
-                )
+                ))
             } else if page.contains(r#"name="prompt" value="consent""#) {
-                Step::Post(action, vec![("prompt".into(), "consent".into())])
+                Page::Next(Step::Post(
+                    action,
+                    vec![("prompt".into(), "consent".into())],
+                ))
             } else {
                 panic!("unexpected page from the OP at {at}:\n{page}");
-            };
-        }
-        panic!("the login at the OP did not finish in {MAX_STEPS} steps");
+            }
+        })
+        .await
     }
 
     /// Does at the OP what a user does after an RP-initiated logout: from `end_session_url`
@@ -454,7 +436,34 @@ impl OidcProvider {
     /// returns where the OP sends the browser afterwards (the post_logout_redirect_uri, or the
     /// OP's own "signed out" page).
     pub async fn log_out(&self, browser: &reqwest::Client, end_session_url: &str) -> String {
-        let mut next = Step::Get(end_session_url.to_owned());
+        self.walk(browser, end_session_url, "logout", |at, page| {
+            if page.contains("signed out") {
+                return Page::Done(at.to_string());
+            }
+            let xsrf = input_value(page, "xsrf")
+                .unwrap_or_else(|| panic!("no logout form from the OP at {at}:\n{page}"));
+            let action = at
+                .join(&form_action(page))
+                .expect("form action")
+                .to_string();
+            Page::Next(Step::Post(
+                action,
+                vec![("xsrf".into(), xsrf), ("logout".into(), "yes".into())],
+            ))
+        })
+        .await
+    }
+
+    /// Follows the OP's redirects from `start` and answers each of its pages with
+    /// `answer`, until the OP sends the browser elsewhere (returned) or a page ends it.
+    async fn walk(
+        &self,
+        browser: &reqwest::Client,
+        start: &str,
+        what: &str,
+        mut answer: impl FnMut(&reqwest::Url, &str) -> Page,
+    ) -> String {
+        let mut next = Step::Get(start.to_owned());
         for _ in 0..MAX_STEPS {
             let response = match &next {
                 Step::Get(url) => browser.get(url).send().await,
@@ -476,21 +485,12 @@ impl OidcProvider {
                 status.is_success(),
                 "the OP answered {status} at {at}:\n{page}"
             );
-            if page.contains("signed out") {
-                return at.to_string();
+            match answer(&at, &page) {
+                Page::Next(step) => next = step,
+                Page::Done(at) => return at,
             }
-            let xsrf = input_value(&page, "xsrf")
-                .unwrap_or_else(|| panic!("no logout form from the OP at {at}:\n{page}"));
-            let action = at
-                .join(&form_action(&page))
-                .expect("form action")
-                .to_string();
-            next = Step::Post(
-                action,
-                vec![("xsrf".into(), xsrf), ("logout".into(), "yes".into())],
-            );
         }
-        panic!("the logout at the OP did not finish in {MAX_STEPS} steps");
+        panic!("the {what} at the OP did not finish in {MAX_STEPS} steps");
     }
 }
 
@@ -514,6 +514,12 @@ pub fn browser() -> reqwest::Client {
 enum Step {
     Get(String),
     Post(String, Vec<(String, String)>),
+}
+
+/// What to do with a page the OP showed.
+enum Page {
+    Next(Step),
+    Done(String),
 }
 
 fn redirect_target(response: &reqwest::Response) -> String {

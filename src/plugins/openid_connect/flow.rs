@@ -236,19 +236,28 @@ async fn use_session(
     hide_own_cookies(cfg, cx);
     if save {
         sess.saved = now;
-        let previous = session::present_chunks(cx.req, &cfg.cookie_name);
-        for c in session::write(
-            &cfg.sealer,
-            &cfg.cookie_name,
-            &sess,
-            &cfg.attrs,
-            cfg.lifetime.max_age(sess.created, now),
-            previous,
-        ) {
+        for c in session_cookies(cfg, cx.req, &sess, now) {
             cx.allow.add_client_header("set-cookie", c);
         }
     }
     Ok(Outcome::Continue)
+}
+
+/// The `Set-Cookie` values that store `sess`, replacing the chunks the request carries.
+fn session_cookies(
+    cfg: &SessionConfig,
+    req: &crate::request::Request<'_>,
+    sess: &LoginSession,
+    now: i64,
+) -> Vec<String> {
+    session::write(
+        &cfg.sealer,
+        &cfg.cookie_name,
+        sess,
+        &cfg.attrs,
+        cfg.lifetime.max_age(sess.created, now),
+        session::present_chunks(req, &cfg.cookie_name),
+    )
 }
 
 /// The session cookies are ours: the upstream gets the client's other cookies only.

@@ -13,7 +13,7 @@ use super::super::session::{self, SessionConfig};
 use super::super::{Plugin, UnauthAction, now};
 use super::{
     LOGIN_TTL, LoginSession, MAX_RESTARTS, OpFailure, PendingLogin, access_exp, constant_time_eq,
-    discovery, hide_own_cookies, random_token, tokens,
+    discovery, hide_own_cookies, random_token, session_cookies, tokens,
 };
 use crate::decision::Deny;
 use crate::plugins::{Ctx, Outcome};
@@ -336,15 +336,7 @@ async fn complete(
         .header("location", pending.original.clone())
         .header("cache-control", "no-store")
         .because("openid-connect: login completed");
-    let previous = session::present_chunks(cx.req, &cfg.cookie_name);
-    for c in session::write(
-        &cfg.sealer,
-        &cfg.cookie_name,
-        &sess,
-        &cfg.attrs,
-        cfg.lifetime.max_age(sess.created, now),
-        previous,
-    ) {
+    for c in session_cookies(cfg, cx.req, &sess, now) {
         deny = deny.header("set-cookie", c);
     }
     Ok(deny)
