@@ -31,6 +31,8 @@ struct Rig {
     op: OidcProvider,
     /// `http://127.0.0.1:<envoy>`: what the browser sees as the application.
     app: String,
+    /// The portcullis config, for starting a second replica.
+    yaml: String,
 }
 
 impl Rig {
@@ -85,6 +87,7 @@ impl Rig {
             },
             op,
             app,
+            yaml,
         }
     }
 
@@ -984,4 +987,66 @@ async fn headless_chromium_logs_in_through_envoy() {
         .expect("X-ID-Token");
     assert_eq!(decode_header(id_token)["sub"], "grace");
     let _ = webdriver(&http, reqwest::Method::DELETE, s, None).await;
+}
+
+/// `session.storage: redis` (issue 8): the cookie carries only the session's id and the
+/// session lives in Redis, so a login made through replica A is accepted by replica B
+/// (its own portcullis and Envoy, same config), and emptying Redis ends the session.
+#[tokio::test]
+async fn a_redis_session_from_one_replica_is_accepted_by_another() {
+    let redis = common::redis::Redis::start().await;
+    let rig = Rig::start(
+        ProviderSettings::default(),
+        json!({ "session": {
+            "secret": SESSION_SECRET,
+            "storage": "redis",
+            "redis": { "host": "127.0.0.1", "port": redis.port, "prefix": "portcullis-test" },
+        }}),
+    )
+    .await;
+    let browser = browser();
+    let seen = rig.log_in(&browser, "/app/page", "alice").await.echoed();
+    assert_eq!(
+        decode_header(seen.header("x-id-token").expect("X-ID-Token"))["sub"],
+        "alice"
+    );
+    let mut con = redis::Client::open(format!("redis://127.0.0.1:{}", redis.port))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("portcullis-test:*")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(keys.len(), 1, "one session stored in Redis: {keys:?}");
+
+    // Replica B: another portcullis and Envoy with the same config. The browser's
+    // cookies are host-only for 127.0.0.1, so they go to B's port as well.
+    let upstream = EchoUpstream::start();
+    let portcullis = Portcullis::start(&rig.yaml).await;
+    let envoy = Envoy::start(
+        ENVOY_GRPC,
+        EnvoyPorts {
+            listener: free_port(),
+            admin: free_port(),
+            upstream: upstream.port,
+            grpc: portcullis.ports.grpc,
+            http: portcullis.ports.http,
+        },
+    )
+    .await;
+    let r = Reply::read(browser.get(envoy.url("/app/page")).send().await.unwrap()).await;
+    assert_eq!(r.status, 200, "{r:?}\n{}", portcullis.output());
+    assert_eq!(
+        decode_header(r.echoed().header("x-id-token").expect("X-ID-Token"))["sub"],
+        "alice"
+    );
+
+    // The cookie alone is not the session: without Redis's copy, B sends a login.
+    let _: () = redis::cmd("FLUSHALL").query_async(&mut con).await.unwrap();
+    let r = Reply::read(browser.get(envoy.url("/app/page")).send().await.unwrap()).await;
+    assert_eq!(r.status, 302, "{r:?}");
+    assert!(!r.reached_upstream());
 }

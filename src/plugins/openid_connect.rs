@@ -133,6 +133,45 @@ pub struct SessionSettings {
     pub cookie: Option<LegacyCookie>,
     #[serde(default)]
     pub storage: SessionStorage,
+    /// APISIX's `session.redis`, required with `storage: redis`.
+    pub redis: Option<RedisSessionSettings>,
+}
+
+/// APISIX's `session.redis` fields. Timeouts are milliseconds; portcullis bounds each
+/// call by the largest of them.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisSessionSettings {
+    #[serde(default = "default_redis_host")]
+    pub host: String,
+    #[serde(default = "default_redis_port")]
+    pub port: u16,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    #[serde(default)]
+    pub database: u32,
+    #[serde(default = "default_redis_prefix")]
+    pub prefix: String,
+    #[serde(default)]
+    pub ssl: bool,
+    pub ssl_verify: Option<bool>,
+    pub server_name: Option<String>,
+    pub connect_timeout: Option<u64>,
+    pub send_timeout: Option<u64>,
+    pub read_timeout: Option<u64>,
+    pub keepalive_timeout: Option<u64>,
+}
+
+fn default_redis_host() -> String {
+    "127.0.0.1".into()
+}
+
+fn default_redis_port() -> u16 {
+    6379
+}
+
+fn default_redis_prefix() -> String {
+    "sessions".into()
 }
 
 #[derive(Debug, Deserialize)]
@@ -145,6 +184,8 @@ pub struct LegacyCookie {
 pub enum SessionStorage {
     #[default]
     Cookie,
+    /// The cookie holds only the session's id; the session lives in Redis.
+    Redis,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -555,6 +596,39 @@ mod tests {
     fn compile(conf: Value) -> Result<Plugin, String> {
         let shared = crate::plugins::Shared::default();
         Plugin::compile(&conf, &BuildContext { shared: &shared })
+    }
+
+    #[test]
+    fn redis_session_storage_needs_its_settings() {
+        let conf = |session: Value| {
+            serde_json::json!({
+                "client_id": "c", "client_secret": "s",
+                "discovery": "http://op.test/.well-known/openid-configuration",
+                "session": session,
+            })
+        };
+        let secret = "0123456789abcdef-secret";
+        let err = compile(conf(
+            serde_json::json!({"secret": secret, "storage": "redis"}),
+        ))
+        .unwrap_err();
+        assert!(err.contains("\"session.redis\" is required"), "{err}");
+        let err = compile(conf(serde_json::json!({
+            "secret": secret, "storage": "redis", "redis": {"ssl": true}
+        })))
+        .unwrap_err();
+        assert!(err.contains("ssl is not supported"), "{err}");
+        assert!(
+            compile(conf(serde_json::json!({
+                "secret": secret, "storage": "redis", "redis": {"port": 6380, "prefix": "s"}
+            })))
+            .is_ok()
+        );
+        let err = compile(conf(
+            serde_json::json!({"secret": secret, "storage": "memcached"}),
+        ))
+        .unwrap_err();
+        assert!(err.contains("storage"), "{err}");
     }
 
     #[test]

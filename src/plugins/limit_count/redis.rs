@@ -141,6 +141,58 @@ impl Pool {
             .clone())
     }
 
+    /// Runs `call` on this target's connection, bounded by the target's timeout.
+    async fn bounded<T>(
+        &self,
+        target: &Target,
+        call: impl AsyncFnOnce(&mut ConnectionManager) -> redis::RedisResult<T>,
+    ) -> Result<T, String> {
+        let run = async {
+            let mut con = self.manager(target).await?;
+            call(&mut con).await.map_err(|e| e.to_string())
+        };
+        match tokio::time::timeout(target.timeout, run).await {
+            Ok(result) => result,
+            Err(_) => Err(format!("no answer within {:?}", target.timeout)),
+        }
+    }
+
+    /// `GET key` (openid-connect's Redis session storage).
+    pub async fn get(&self, target: &Target, key: &str) -> Result<Option<String>, String> {
+        self.bounded(target, async |con| {
+            redis::cmd("GET").arg(key).query_async(con).await
+        })
+        .await
+    }
+
+    /// `SET key value EX ttl`.
+    pub async fn set_ex(
+        &self,
+        target: &Target,
+        key: &str,
+        value: &str,
+        ttl: u64,
+    ) -> Result<(), String> {
+        self.bounded(target, async |con| {
+            redis::cmd("SET")
+                .arg(key)
+                .arg(value)
+                .arg("EX")
+                .arg(ttl.max(1))
+                .query_async(con)
+                .await
+        })
+        .await
+    }
+
+    /// `DEL key`.
+    pub async fn del(&self, target: &Target, key: &str) -> Result<(), String> {
+        self.bounded(target, async |con| {
+            redis::cmd("DEL").arg(key).query_async(con).await
+        })
+        .await
+    }
+
     /// Counts one request against `key` in a window of `window`.
     pub async fn incoming(
         &self,

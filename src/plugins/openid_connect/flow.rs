@@ -173,7 +173,7 @@ async fn use_session(
     redirect_uri: &str,
 ) -> Result<Outcome, OpFailure> {
     let now = now();
-    let found: Option<LoginSession> = session::read(&cfg.sealer, cx.req, &cfg.cookie_name);
+    let found = load_session(cfg, cx.req).await?;
     let Some(mut sess) = found else {
         return unauthenticated(plugin, cfg, cx, http, redirect_uri, 0, None).await;
     };
@@ -236,28 +236,101 @@ async fn use_session(
     hide_own_cookies(cfg, cx);
     if save {
         sess.saved = now;
-        for c in session_cookies(cfg, cx.req, &sess, now) {
+        for c in session_cookies(cfg, cx.req, &sess, now).await? {
             cx.allow.add_client_header("set-cookie", c);
         }
     }
     Ok(Outcome::Continue)
 }
 
-/// The `Set-Cookie` values that store `sess`, replacing the chunks the request carries.
-fn session_cookies(
+/// Redis connections for `session.storage: redis`, shared by every snapshot.
+static REDIS: std::sync::LazyLock<crate::plugins::limit_count::redis::Pool> =
+    std::sync::LazyLock::new(Default::default);
+
+/// What the cookie holds with `storage: redis`: only the session's id.
+#[derive(Serialize, Deserialize)]
+struct StoredRef {
+    sid: String,
+}
+
+fn redis_key(prefix: &str, sid: &str) -> String {
+    format!("{prefix}:{sid}")
+}
+
+fn store_failed(e: String) -> OpFailure {
+    tracing::error!(error = %e, "openid-connect: session store (redis) failed");
+    OpFailure::Unavailable(format!("session store unavailable: {e}"))
+}
+
+/// The request's session: from its cookies, or (with `storage: redis`) from Redis
+/// by the id its cookie holds. A missing or tampered cookie, or an id Redis no
+/// longer has, is no session; Redis not answering is a 503.
+async fn load_session(
+    cfg: &SessionConfig,
+    req: &crate::request::Request<'_>,
+) -> Result<Option<LoginSession>, OpFailure> {
+    let Some((target, prefix)) = &cfg.redis else {
+        return Ok(session::read(&cfg.sealer, req, &cfg.cookie_name));
+    };
+    let Some(r) = session::read::<StoredRef>(&cfg.sealer, req, &cfg.cookie_name) else {
+        return Ok(None);
+    };
+    let json = REDIS
+        .get(target, &redis_key(prefix, &r.sid))
+        .await
+        .map_err(store_failed)?;
+    Ok(json
+        .and_then(|j| serde_json::from_str::<LoginSession>(&j).ok())
+        .filter(|s| s.sid == r.sid))
+}
+
+/// The `Set-Cookie` values that store `sess`, replacing the chunks the request
+/// carries; with `storage: redis` the session goes to Redis for its remaining
+/// lifetime and the cookie carries only its id.
+async fn session_cookies(
     cfg: &SessionConfig,
     req: &crate::request::Request<'_>,
     sess: &LoginSession,
     now: i64,
-) -> Vec<String> {
-    session::write(
+) -> Result<Vec<String>, OpFailure> {
+    let max_age = cfg.lifetime.max_age(sess.created, now);
+    let previous = session::present_chunks(req, &cfg.cookie_name);
+    let Some((target, prefix)) = &cfg.redis else {
+        return Ok(session::write(
+            &cfg.sealer,
+            &cfg.cookie_name,
+            sess,
+            &cfg.attrs,
+            max_age,
+            previous,
+        ));
+    };
+    let json = serde_json::to_string(sess).expect("a session serialises");
+    // Without an absolute timeout the session still may not outlive a day unused.
+    let ttl = max_age.unwrap_or(86_400);
+    REDIS
+        .set_ex(target, &redis_key(prefix, &sess.sid), &json, ttl)
+        .await
+        .map_err(store_failed)?;
+    Ok(session::write(
         &cfg.sealer,
         &cfg.cookie_name,
-        sess,
+        &StoredRef {
+            sid: sess.sid.clone(),
+        },
         &cfg.attrs,
-        cfg.lifetime.max_age(sess.created, now),
-        session::present_chunks(req, &cfg.cookie_name),
-    )
+        max_age,
+        previous,
+    ))
+}
+
+/// Deletes a session kept in Redis (logout); cookie sessions end with their cookies.
+async fn forget_session(cfg: &SessionConfig, sess: &LoginSession) {
+    if let Some((target, prefix)) = &cfg.redis
+        && let Err(e) = REDIS.del(target, &redis_key(prefix, &sess.sid)).await
+    {
+        tracing::error!(error = %e, "openid-connect: could not delete the session from redis");
+    }
 }
 
 /// The session cookies are ours: the upstream gets the client's other cookies only.

@@ -221,6 +221,8 @@ fn set_cookie(name: &str, value: &str, attrs: &CookieAttrs, max_age: Option<u64>
 #[derive(Debug)]
 pub struct SessionConfig {
     pub sealer: Sealer,
+    /// With `storage: redis`: where sessions live, and their key prefix.
+    pub redis: Option<(crate::plugins::limit_count::redis::Target, String)>,
     pub cookie_name: String,
     /// The short-lived cookie of a login in progress.
     pub login_cookie: String,
@@ -265,7 +267,37 @@ impl SessionConfig {
             .cookie_secure
             .unwrap_or(same_site.as_deref() == Some("None"));
         let seconds = |v: Option<u64>, default: u64| v.unwrap_or(default) as i64;
+        let redis = match (&s.storage, &s.redis) {
+            (super::SessionStorage::Cookie, _) => None,
+            (super::SessionStorage::Redis, None) => {
+                return Err(
+                    "property \"session.redis\" is required when \"session.storage\" is redis"
+                        .into(),
+                );
+            }
+            (super::SessionStorage::Redis, Some(r)) => {
+                let timeout = [r.connect_timeout, r.send_timeout, r.read_timeout]
+                    .into_iter()
+                    .map(|t| t.unwrap_or(1000))
+                    .max()
+                    .unwrap_or(1000);
+                let target = crate::plugins::limit_count::redis::Target::new(
+                    &crate::plugins::limit_count::redis::Settings {
+                        redis_host: Some(r.host.clone()),
+                        redis_port: r.port,
+                        redis_username: r.username.clone(),
+                        redis_password: r.password.clone(),
+                        redis_database: r.database,
+                        redis_timeout: timeout,
+                        redis_ssl: r.ssl,
+                    },
+                )
+                .map_err(|e| format!("session.redis: {}", e.replace("redis_", "")))?;
+                Some((target, r.prefix.clone()))
+            }
+        };
         Ok(SessionConfig {
+            redis,
             sealer: Sealer::new(&s.secret),
             login_cookie: format!("{cookie_name}_login"),
             cookie_name,

@@ -336,7 +336,7 @@ async fn complete(
         .header("location", pending.original.clone())
         .header("cache-control", "no-store")
         .because("openid-connect: login completed");
-    for c in session_cookies(cfg, cx.req, &sess, now) {
+    for c in session_cookies(cfg, cx.req, &sess, now).await? {
         deny = deny.header("set-cookie", c);
     }
     Ok(deny)

@@ -8,7 +8,7 @@
 use super::super::provider::transport;
 use super::super::session::{self, SessionConfig};
 use super::super::{AuthMethod, Plugin};
-use super::{LoginSession, OpFailure, discovery};
+use super::{LoginSession, OpFailure, discovery, forget_session, load_session};
 use crate::decision::Deny;
 use crate::plugins::{Ctx, Outcome};
 
@@ -19,7 +19,10 @@ pub(super) async fn logout(
     http: &reqwest::Client,
 ) -> Result<Outcome, OpFailure> {
     let doc = discovery(plugin, cx, http).await?;
-    let sess: Option<LoginSession> = session::read(&cfg.sealer, cx.req, &cfg.cookie_name);
+    let sess: Option<LoginSession> = load_session(cfg, cx.req).await?;
+    if let Some(sess) = &sess {
+        forget_session(cfg, sess).await;
+    }
     let s = &plugin.settings;
     if s.revoke_tokens_on_logout
         && let (Some(sess), Some(endpoint)) = (&sess, &doc.revocation_endpoint)
