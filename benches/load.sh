@@ -131,6 +131,7 @@ http {
 EOF
 "$NGINX" -e "$WORK/nginx.log" -p "$WORK" -c "$WORK/nginx.conf" &
 PIDS+=($!)
+NGINX_PID=$!
 
 # --- portcullis: one route per row; plugin routes only if this build has them ---
 route_yaml() { # row id → route (and consumer) YAML lines, empty if none
@@ -223,6 +224,7 @@ done
 } >"$WORK/portcullis.yaml"
 RUST_LOG=warn "$PORTCULLIS" serve --config "$WORK/portcullis.yaml" >"$WORK/portcullis.log" 2>&1 &
 PIDS+=($!)
+PORTCULLIS_PID=$!
 
 # --- Envoy: the shipped envoy/envoy.yaml, as three listeners ----------------------
 python3 "$ROOT/benches/envoy_config.py" "$ROOT/envoy/envoy.yaml" "$WORK/envoy.yaml" \
@@ -230,6 +232,7 @@ python3 "$ROOT/benches/envoy_config.py" "$ROOT/envoy/envoy.yaml" "$WORK/envoy.ya
 envoy -c "$WORK/envoy.yaml" --concurrency "$CONCURRENCY" --base-id "$((ENVOY_ADMIN % 60000))" \
   -l warn >"$WORK/envoy.log" 2>&1 &
 PIDS+=($!)
+ENVOY_PID=$!
 
 wait_http "http://127.0.0.1:$UP_PORT/" nginx
 wait_http "http://127.0.0.1:$HTTP_PORT/readyz" portcullis
@@ -295,18 +298,39 @@ done
 to_ms() { # wrk latency like 812.00us / 1.23ms / 1.02s → ms
   awk -v v="$1" 'BEGIN { n = v + 0; if (v ~ /us$/) n /= 1000; else if (v ~ /ms$/) n *= 1; else if (v ~ /s$/) n *= 1000; printf "%.3f", n }'
 }
-run_row() { # id tool target header → "rps p50 p99" in $WORK/res-ID
-  local id=$1 tool=$2 target=$3 header=$4 out
+# CPU time (clock ticks, user + system) of a process and its children that are still
+# running: Envoy, portcullis, nginx with its workers.
+ticks() {
+  local pid total=0 t
+  for pid in "$1" $(pgrep -P "$1" 2>/dev/null); do
+    t=$(awk '{ print $14 + $15 }' "/proc/$pid/stat" 2>/dev/null) || continue
+    total=$((total + ${t:-0}))
+  done
+  echo "$total"
+}
+HZ=$(getconf CLK_TCK)
+# cpu_per_req BEFORE AFTER REQUESTS → µs of CPU per request for each of envoy,
+# portcullis, nginx. Where a ratio comes from: which process spent the time.
+cpu_per_req() {
+  awk -v b="$1" -v a="$2" -v n="$3" -v hz="$HZ" 'BEGIN {
+    split(b, x, " "); split(a, y, " ")
+    for (i = 1; i <= 3; i++) printf "%s%.1f", (i > 1 ? " " : ""), (n > 0 ? (y[i] - x[i]) * 1e6 / hz / n : 0) }'
+}
+run_row() { # id tool target header → "rps p50 p99 envoy_us portcullis_us nginx_us" in $WORK/res-ID
+  local id=$1 tool=$2 target=$3 header=$4 out before after
+  before="$(ticks "$ENVOY_PID") $(ticks "$PORTCULLIS_PID") $(ticks "$NGINX_PID")"
   if [ "$tool" = wrk ]; then
     out=$(wrk -t "$THREADS" -c "$CONNECTIONS" -d "${DURATION}s" --latency ${header:+-H "$header"} "$target")
     if grep -q -E 'Non-2xx|Socket errors' <<<"$out"; then
       echo "$id: errors during load:" >&2; grep -E 'Non-2xx|Socket errors' <<<"$out" >&2; echo "fail" >>"$WORK/res-$id"; return
     fi
-    local rps p50 p99
+    local rps p50 p99 n
+    after="$(ticks "$ENVOY_PID") $(ticks "$PORTCULLIS_PID") $(ticks "$NGINX_PID")"
     rps=$(awk '/^Requests\/sec:/ { print $2 }' <<<"$out")
     p50=$(to_ms "$(awk '$1 == "50%" { print $2 }' <<<"$out")")
     p99=$(to_ms "$(awk '$1 == "99%" { print $2 }' <<<"$out")")
-    echo "$rps $p50 $p99" >>"$WORK/res-$id"
+    n=$(awk '/ requests in / { print $1 }' <<<"$out")
+    echo "$rps $p50 $p99 $(cpu_per_req "$before" "$after" "$n")" >>"$WORK/res-$id"
   else
     rm -f "$WORK/h2.log"
     out=$(h2load -c "$CONNECTIONS" -m 1 -t "$THREADS" -D "$DURATION" --warm-up-time=1 \
@@ -320,10 +344,14 @@ run_row() { # id tool target header → "rps p50 p99" in $WORK/res-ID
       echo "$id: h2load reported failures: $(grep -E '^(requests|status codes):' <<<"$out" | tr '\n' ' ')" >&2
       echo "fail" >>"$WORK/res-$id"; return
     fi
+    after="$(ticks "$ENVOY_PID") $(ticks "$PORTCULLIS_PID") $(ticks "$NGINX_PID")"
+    # Requests answered while CPU was counted, the 1 s warm-up included.
+    local n
+    n=$(awk -v r="$rps" -v d="$DURATION" 'BEGIN { printf "%d", r * (d + 1) }')
     # Per-request log: start(µs) status duration(µs).
     echo "$rps $(awk '{ print $3 }' "$WORK/h2.log" | sort -n | awk '{ v[NR] = $1 } END {
       i50 = int(NR * 0.50); if (i50 < 1) i50 = 1; i99 = int(NR * 0.99); if (i99 < 1) i99 = 1
-      printf "%.3f %.3f", v[i50] / 1000, v[i99] / 1000 }')" >>"$WORK/res-$id"
+      printf "%.3f %.3f", v[i50] / 1000, v[i99] / 1000 }') $(cpu_per_req "$before" "$after" "$n")" >>"$WORK/res-$id"
   fi
 }
 
@@ -357,24 +385,24 @@ for rid, tool, base, label, path in rows:
         runs = [l.split() for l in open(path)]
     except FileNotFoundError:
         runs = []
-    good = [list(map(float, r)) for r in runs if len(r) == 3]
+    good = [list(map(float, r)) for r in runs if len(r) == 6]
     if not good or len(good) != len(runs) or any(r[0] <= 0 for r in good):
         bad.append(label)
         continue
-    med[rid] = [statistics.median(r[i] for r in good) for i in range(3)]
+    med[rid] = [statistics.median(r[i] for r in good) for i in range(6)]
 print(open(sys.argv[2]).read().rstrip())
 print()
-print(f"| {'row':<52} | {'req/s':>9} | {'p50 ms':>7} | {'p99 ms':>7} | {'ratio':>5} | baseline")
-print(f"|{'-'*54}|{'-'*11}|{'-'*9}|{'-'*9}|{'-'*7}|{'-'*10}")
+print(f"| {'row':<52} | {'req/s':>9} | {'p50 ms':>7} | {'p99 ms':>7} | {'ratio':>5} | {'CPU µs/req: Envoy':>17} | {'portcullis':>10} | {'nginx':>5} | baseline")
+print(f"|{'-'*54}|{'-'*11}|{'-'*9}|{'-'*9}|{'-'*7}|{'-'*19}|{'-'*12}|{'-'*7}|{'-'*10}")
 labels = {r[0]: r[3] for r in rows}
 for rid, tool, base, label, _ in rows:
     if rid not in med:
-        print(f"| {label:<52} | {'FAILED':>9} | {'':>7} | {'':>7} | {'':>5} |")
+        print(f"| {label:<52} | {'FAILED':>9} | {'':>7} | {'':>7} | {'':>5} | {'':>17} | {'':>10} | {'':>5} |")
         continue
-    rps, p50, p99 = med[rid]
+    rps, p50, p99, env_us, pc_us, ngx_us = med[rid]
     ratio = f"{rps / med[base][0]:.2f}" if base in med else "n/a"
     bname = "itself" if base == rid else labels.get(base, base)
-    print(f"| {label:<52} | {rps:>9.0f} | {p50:>7.2f} | {p99:>7.2f} | {ratio:>5} | {bname}")
+    print(f"| {label:<52} | {rps:>9.0f} | {p50:>7.2f} | {p99:>7.2f} | {ratio:>5} | {env_us:>17.0f} | {pc_us:>10.0f} | {ngx_us:>5.0f} | {bname}")
 checks = [
     ("Envoy + portcullis jwt-auth HS256 / Envoy + portcullis no-plugin", "pc-jwt-hs", "pc-noplugin", 0.95),
     ("Envoy + portcullis jwt-auth HS256 / Envoy jwt_authn HS256", "pc-jwt-hs", "jwtn", 0.75),

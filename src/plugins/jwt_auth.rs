@@ -201,9 +201,9 @@ impl Plugin {
                 "no token in header, query or cookie",
             )
         })?;
-        let token = Token::parse(&raw)
+        let mut token = Token::parse(&raw, &self.key_claim_name, self.store_in_ctx)
             .map_err(|e| Failure::new("JWT token invalid", format!("JWT token invalid: {e}")))?;
-        let key = match token.payload.get(&self.key_claim_name) {
+        let key = match &token.claims.key {
             None | Some(Value::Bool(false)) => {
                 return Err(Failure::new(
                     "missing user key in JWT token",
@@ -245,9 +245,7 @@ impl Plugin {
         Ok(Authenticated {
             consumer,
             credential_id: found.credential_id.clone(),
-            claims: self
-                .store_in_ctx
-                .then(|| Value::Object(token.payload.clone())),
+            claims: token.claims.all.take().map(Value::Object),
         })
     }
 

@@ -486,7 +486,11 @@ async fn an_oversized_token_is_refused_before_decoding() {
     assert!(started.elapsed() < std::time::Duration::from_millis(50));
     assert_401(&d, "JWT token invalid");
     assert!(denied(&d).reason.contains("exceeds"));
-    assert!(Token::parse(&huge).unwrap_err().contains("8192"));
+    assert!(
+        Token::parse(&huge, "key", false)
+            .unwrap_err()
+            .contains("8192")
+    );
 }
 
 #[tokio::test]
@@ -562,7 +566,7 @@ async fn claims_follow_apisix_rules() {
 
 #[test]
 fn claim_boundaries_are_strict_and_grace_applies() {
-    let p = |v: Value| v.as_object().unwrap().clone();
+    let p = |v: Value| token::Claims::from_map(v.as_object().unwrap().clone(), "key");
     let rule = ClaimRule::WhenPresent;
     let now = 1_000_000;
     assert!(token::check_claims(&p(json!({"exp": now})), &rule, 0, now).is_err());
@@ -581,7 +585,7 @@ fn claim_boundaries_are_strict_and_grace_applies() {
 
 #[test]
 fn listed_claims_are_required_and_only_they_are_checked() {
-    let p = |v: Value| v.as_object().unwrap().clone();
+    let p = |v: Value| token::Claims::from_map(v.as_object().unwrap().clone(), "key");
     let now = 1_000_000;
     let exp_only = ClaimRule::Required(vec![Claim::Exp]);
     let err = token::check_claims(&p(json!({})), &exp_only, 0, now).unwrap_err();
@@ -1027,13 +1031,13 @@ fn an_already_verified_signature_still_has_its_claims_checked() {
         &json!({"key": "k", "exp": 1_000, "nbf": 10}),
         &private,
     );
-    let token = Token::parse(&raw).unwrap();
+    let token = Token::parse(&raw, "key", false).unwrap();
     let rule = ClaimRule::WhenPresent;
     assert!(token::verify(&token, &cred, &rule, 500, Signature::AlreadyVerified).is_ok());
     assert!(token::verify(&token, &cred, &rule, 1_000, Signature::AlreadyVerified).is_err());
     assert!(token::verify(&token, &cred, &rule, 5, Signature::AlreadyVerified).is_err());
     // The algorithm is checked whatever the cache says.
     let hs = hs256(&json!({"key": "k"}), "secret");
-    let hs = Token::parse(&hs).unwrap();
+    let hs = Token::parse(&hs, "key", false).unwrap();
     assert!(token::verify(&hs, &cred, &rule, 500, Signature::AlreadyVerified).is_err());
 }
