@@ -138,7 +138,7 @@ pub async fn handle(
         request_uri: &original.request_uri,
         headers: Headers::Pairs(&pairs),
         source_ip: Some(&ip),
-        context_extensions: Parts::no_extensions(),
+        context_extensions: &[],
         body: &body,
         body_truncated: false,
         body_size: Some(body.len() as u64),

@@ -2,14 +2,14 @@
 //! `grpc.health.v1.Health` for Kubernetes probes, and server reflection so grpcurl
 //! can find both without proto files.
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
-use envoy_types::pb::envoy::service::auth::v3::authorization_server::{
-    Authorization, AuthorizationServer,
-};
-use envoy_types::pb::envoy::service::auth::v3::{CheckRequest, CheckResponse};
+use envoy_types::pb::envoy::service::auth::v3::CheckResponse;
+use tonic::codegen::{Body, BoxFuture, Service, StdError, http};
 use tonic::{Request, Response, Status};
 
 use crate::runtime::Runtime;
+use crate::wire::CheckRequest;
 
 /// The descriptor set `build.rs` compiles from `proto/`.
 pub const EXT_AUTHZ_DESCRIPTOR: &[u8] =
@@ -19,26 +19,62 @@ pub const EXT_AUTHZ_DESCRIPTOR: &[u8] =
 /// RPC error, which Envoy resolves with `failure_mode_allow`, not with our decision.
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 
+const CHECK_PATH: &str = "/envoy.service.auth.v3.Authorization/Check";
+
+/// `envoy.service.auth.v3.Authorization` as tonic's generated server would serve it,
+/// except that the request decodes into [`crate::wire::CheckRequest`] (slices of the
+/// received frame) instead of `envoy-types`' owned message.
+#[derive(Clone)]
 pub struct AuthService {
     runtime: Arc<Runtime>,
 }
 
 impl AuthService {
-    pub fn server(runtime: Arc<Runtime>) -> AuthorizationServer<AuthService> {
-        AuthorizationServer::new(AuthService { runtime })
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    pub fn server(runtime: Arc<Runtime>) -> AuthService {
+        AuthService { runtime }
     }
 }
 
-#[tonic::async_trait]
-impl Authorization for AuthService {
-    async fn check(
-        &self,
-        request: Request<CheckRequest>,
-    ) -> Result<Response<CheckResponse>, Status> {
-        let msg = request.into_inner();
-        Ok(Response::new(self.runtime.check(&msg).await))
+impl tonic::server::NamedService for AuthService {
+    const NAME: &'static str = SERVICE_NAME;
+}
+
+impl<B> Service<http::Request<B>> for AuthService
+where
+    B: Body + Send + 'static,
+    B::Error: Into<StdError> + Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        if req.uri().path() != CHECK_PATH {
+            return Box::pin(async { Ok(Status::unimplemented("").into_http()) });
+        }
+        let check = Check(self.runtime.clone());
+        Box::pin(async move {
+            let codec = tonic_prost::ProstCodec::<CheckResponse, CheckRequest>::default();
+            let mut grpc = tonic::server::Grpc::new(codec)
+                .apply_max_message_size_config(Some(MAX_MESSAGE_BYTES), Some(MAX_MESSAGE_BYTES));
+            Ok(grpc.unary(check, req).await)
+        })
+    }
+}
+
+struct Check(Arc<Runtime>);
+
+impl tonic::server::UnaryService<CheckRequest> for Check {
+    type Response = CheckResponse;
+    type Future = BoxFuture<Response<CheckResponse>, Status>;
+
+    fn call(&mut self, request: Request<CheckRequest>) -> Self::Future {
+        let runtime = self.0.clone();
+        Box::pin(async move { Ok(Response::new(runtime.check(request.get_ref()).await)) })
     }
 }
 

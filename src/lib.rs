@@ -26,3 +26,4 @@ pub mod snapshot;
 pub mod store;
 pub mod telemetry;
 pub mod watch;
+pub mod wire;

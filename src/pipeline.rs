@@ -28,7 +28,7 @@ pub fn route_not_found() -> Deny {
 
 pub async fn decide(snapshot: &Snapshot, shared: &Shared, req: &Request<'_>) -> Verdict {
     let Some(route) = snapshot.router.find(req) else {
-        let explicit = req.context_extensions.contains_key("route_id");
+        let explicit = req.context_extension("route_id").is_some();
         let decision = match snapshot.unmatched {
             Unmatched::Allow if !explicit => {
                 let mut allow = Allow::default();

@@ -7,16 +7,14 @@
 //! Every attribute here comes from what the proxy itself observed (`:path`,
 //! `:authority`, method, the peer address). Client-sent `X-Forwarded-*` headers are
 //! only headers; they never decide a route or a forwarded URI on the gRPC path.
-use std::collections::HashMap;
-
-use envoy_types::pb::envoy::config::core::v3::{Address, address};
-use envoy_types::pb::envoy::service::auth::v3::CheckRequest;
+use crate::wire::{CheckRequest, Entry};
 
 /// Request headers with lower-case names. Envoy already lower-cases names and joins
 /// duplicates with `,`; the HTTP front hands over pairs it lower-cased itself.
 #[derive(Debug, Clone, Copy)]
 pub enum Headers<'a> {
-    Map(&'a HashMap<String, String>),
+    /// Entries of a Check, already checked to be UTF-8 (`Request::from_check`).
+    Wire(&'a [Entry]),
     Pairs(&'a [(String, String)]),
 }
 
@@ -24,7 +22,7 @@ impl<'a> Headers<'a> {
     /// The value of `name`, which must be given in lower case.
     pub fn get(&self, name: &str) -> Option<&'a str> {
         match self {
-            Headers::Map(map) => map.get(name).map(String::as_str),
+            Headers::Wire(entries) => lookup(entries, name),
             Headers::Pairs(pairs) => pairs
                 .iter()
                 .find(|(k, _)| k == name)
@@ -34,7 +32,9 @@ impl<'a> Headers<'a> {
 
     pub fn iter(&self) -> Box<dyn Iterator<Item = (&'a str, &'a str)> + 'a> {
         match *self {
-            Headers::Map(map) => Box::new(map.iter().map(|(k, v)| (k.as_str(), v.as_str()))),
+            Headers::Wire(entries) => {
+                Box::new(entries.iter().map(|e| (text(&e.key), text(&e.value))))
+            }
             Headers::Pairs(pairs) => Box::new(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str()))),
         }
     }
@@ -43,21 +43,38 @@ impl<'a> Headers<'a> {
     /// this on every allowed request).
     pub fn for_each_name(&self, mut f: impl FnMut(&'a str)) {
         match *self {
-            Headers::Map(map) => map.keys().for_each(|k| f(k.as_str())),
+            Headers::Wire(entries) => entries.iter().for_each(|e| f(text(&e.key))),
             Headers::Pairs(pairs) => pairs.iter().for_each(|(k, _)| f(k.as_str())),
         }
     }
 
     pub fn is_empty(&self) -> bool {
         match self {
-            Headers::Map(map) => map.is_empty(),
+            Headers::Wire(entries) => entries.is_empty(),
             Headers::Pairs(pairs) => pairs.is_empty(),
         }
     }
 }
 
-static NO_EXTENSIONS: std::sync::LazyLock<HashMap<String, String>> =
-    std::sync::LazyLock::new(HashMap::new);
+/// A map entry's value by key; a later entry wins, as in the map Envoy encoded.
+fn lookup<'a>(entries: &'a [Entry], key: &str) -> Option<&'a str> {
+    entries
+        .iter()
+        .rev()
+        .find(|e| e.key == key.as_bytes())
+        .map(|e| text(&e.value))
+}
+
+/// Text of a field `Request::from_check` has checked to be UTF-8.
+fn text(bytes: &[u8]) -> &str {
+    std::str::from_utf8(bytes).unwrap_or_default()
+}
+
+/// `field` as text: protobuf strings are UTF-8, and a message that says otherwise
+/// is not decided on.
+fn utf8<'a>(bytes: &'a [u8], field: &'static str) -> Result<&'a str, DecodeError> {
+    std::str::from_utf8(bytes).map_err(|_| DecodeError::NotUtf8(field))
+}
 
 /// A decoded request, borrowed from the message it came from: the [`Parts`] a
 /// front gathered (read through `Deref`, e.g. `req.method`) and what is derived
@@ -88,6 +105,8 @@ pub enum DecodeError {
     MissingHttp,
     #[error("CheckRequest has an empty :path")]
     EmptyPath,
+    #[error("CheckRequest field {0} is not UTF-8")]
+    NotUtf8(&'static str),
 }
 
 impl<'a> Request<'a> {
@@ -103,24 +122,36 @@ impl<'a> Request<'a> {
         if http.path.is_empty() {
             return Err(DecodeError::EmptyPath);
         }
-        let source_ip = attrs
+        let source_ip = match attrs
             .source
             .as_ref()
             .and_then(|p| p.address.as_ref())
-            .and_then(socket_ip);
+            .and_then(|a| a.socket_address.as_ref())
+        {
+            Some(sa) => Some(utf8(&sa.address, "source.address")?),
+            None => None,
+        };
+        for e in &http.headers {
+            utf8(&e.key, "headers")?;
+            utf8(&e.value, "headers")?;
+        }
+        for e in &attrs.context_extensions {
+            utf8(&e.key, "context_extensions")?;
+            utf8(&e.value, "context_extensions")?;
+        }
         let body: &[u8] = if !http.raw_body.is_empty() {
             &http.raw_body
         } else {
-            http.body.as_bytes()
+            utf8(&http.body, "body")?.as_bytes()
         };
-        let headers = Headers::Map(&http.headers);
+        let headers = Headers::Wire(&http.headers);
         let body_truncated = headers.get("x-envoy-auth-partial-body") == Some("true");
         let body_size = u64::try_from(http.size).ok().filter(|_| http.size >= 0);
         Ok(Self::assemble(Parts {
-            method: &http.method,
-            scheme: &http.scheme,
-            authority: &http.host,
-            request_uri: &http.path,
+            method: utf8(&http.method, "method")?,
+            scheme: utf8(&http.scheme, "scheme")?,
+            authority: utf8(&http.host, "host")?,
+            request_uri: utf8(&http.path, "path")?,
             headers,
             source_ip,
             context_extensions: &attrs.context_extensions,
@@ -188,8 +219,8 @@ pub struct Parts<'a> {
     pub headers: Headers<'a>,
     /// The downstream peer's IP address as the proxy saw it.
     pub source_ip: Option<&'a str>,
-    /// Envoy per-route `context_extensions` (e.g. `route_id`).
-    pub context_extensions: &'a HashMap<String, String>,
+    /// Envoy per-route `context_extensions` (e.g. `route_id`); checked UTF-8.
+    pub context_extensions: &'a [Entry],
     pub body: &'a [u8],
     /// True when the proxy only sent part of the body (`allow_partial_message`).
     pub body_truncated: bool,
@@ -197,9 +228,10 @@ pub struct Parts<'a> {
     pub body_size: Option<u64>,
 }
 
-impl Parts<'_> {
-    pub fn no_extensions() -> &'static HashMap<String, String> {
-        &NO_EXTENSIONS
+impl<'a> Parts<'a> {
+    /// The per-route context extension `name` (e.g. `route_id`).
+    pub fn context_extension(&self, name: &str) -> Option<&'a str> {
+        lookup(self.context_extensions, name)
     }
 }
 
@@ -213,13 +245,6 @@ fn decode_component(s: &str) -> std::borrow::Cow<'_, str> {
             .decode_utf8_lossy()
             .into_owned(),
     )
-}
-
-fn socket_ip(addr: &Address) -> Option<&str> {
-    match addr.address.as_ref()? {
-        address::Address::SocketAddress(sa) => Some(sa.address.as_str()),
-        _ => None,
-    }
 }
 
 /// `example.com:8080` → `example.com`; `[::1]:80` → `[::1]`.
@@ -239,8 +264,11 @@ pub fn strip_port(authority: &str) -> &str {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use envoy_types::pb::envoy::config::core::v3::SocketAddress;
-    use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, attribute_context};
+    use crate::wire;
+    use envoy_types::pb::envoy::config::core::v3::{Address, SocketAddress, address};
+    use envoy_types::pb::envoy::service::auth::v3::{
+        AttributeContext, CheckRequest as FullCheck, attribute_context,
+    };
 
     pub(crate) fn check(
         method: &str,
@@ -248,7 +276,7 @@ pub(crate) mod tests {
         path: &str,
         headers: &[(&str, &str)],
     ) -> CheckRequest {
-        CheckRequest {
+        CheckRequest::from(&FullCheck {
             attributes: Some(AttributeContext {
                 source: Some(attribute_context::Peer {
                     address: Some(Address {
@@ -276,7 +304,7 @@ pub(crate) mod tests {
                 }),
                 ..Default::default()
             }),
-        }
+        })
     }
 
     #[test]
@@ -305,6 +333,46 @@ pub(crate) mod tests {
             Request::from_check(&msg).unwrap_err(),
             DecodeError::MissingHttp
         );
+    }
+
+    #[test]
+    fn refuses_text_fields_that_are_not_utf8() {
+        fn http(msg: &mut CheckRequest) -> &mut wire::HttpRequest {
+            let attrs = msg.attributes.as_mut().unwrap();
+            attrs.request.as_mut().unwrap().http.as_mut().unwrap()
+        }
+        let mut msg = check("GET", "h", "/", &[("x-a", "b")]);
+        http(&mut msg).headers.push(wire::Entry {
+            key: "x-bin".into(),
+            value: bytes::Bytes::from_static(b"\xff\xfe"),
+        });
+        assert_eq!(
+            Request::from_check(&msg).unwrap_err(),
+            DecodeError::NotUtf8("headers")
+        );
+        http(&mut msg).headers.pop();
+        http(&mut msg).path = bytes::Bytes::from_static(b"/\xc3");
+        assert_eq!(
+            Request::from_check(&msg).unwrap_err(),
+            DecodeError::NotUtf8("path")
+        );
+    }
+
+    #[test]
+    fn a_later_map_entry_wins() {
+        let mut msg = check("GET", "h", "/", &[("x-a", "first")]);
+        let attrs = msg.attributes.as_mut().unwrap();
+        attrs
+            .context_extensions
+            .push(wire::Entry::new("route_id", "a"));
+        attrs
+            .context_extensions
+            .push(wire::Entry::new("route_id", "b"));
+        let http = attrs.request.as_mut().unwrap().http.as_mut().unwrap();
+        http.headers.push(wire::Entry::new("x-a", "second"));
+        let req = Request::from_check(&msg).unwrap();
+        assert_eq!(req.headers.get("x-a"), Some("second"));
+        assert_eq!(req.context_extension("route_id"), Some("b"));
     }
 
     #[test]

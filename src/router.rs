@@ -112,8 +112,8 @@ impl Router {
     /// The route for this request: Envoy's `route_id` context extension when present
     /// (an unknown or disabled id matches nothing), otherwise APISIX's matching.
     pub fn find(&self, req: &Request<'_>) -> Option<&Arc<Route>> {
-        if let Some(id) = req.context_extensions.get("route_id") {
-            return self.by_id.get(id.as_str()).filter(|r| r.enabled);
+        if let Some(id) = req.context_extension("route_id") {
+            return self.by_id.get(id).filter(|r| r.enabled);
         }
         let accept = |r: &&Arc<Route>| r.accepts(req);
         if let Some(found) = self.exact.get(req.path).and_then(|c| c.iter().find(accept)) {
@@ -213,14 +213,14 @@ mod tests {
             .as_mut()
             .unwrap()
             .context_extensions
-            .insert("route_id".into(), "other".into());
+            .push(crate::wire::Entry::new("route_id", "other"));
         let req = Request::from_check(&msg).unwrap();
         assert_eq!(router.find(&req).map(|r| &*r.id), Some("other"));
         msg.attributes
             .as_mut()
             .unwrap()
             .context_extensions
-            .insert("route_id".into(), "off".into());
+            .push(crate::wire::Entry::new("route_id", "off"));
         let req = Request::from_check(&msg).unwrap();
         assert!(router.find(&req).is_none());
     }

@@ -376,7 +376,6 @@ impl Lifetime {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashMap;
 
     fn attrs() -> CookieAttrs {
         CookieAttrs {
@@ -388,26 +387,24 @@ mod tests {
         }
     }
 
-    fn request_with(cookies: &[String]) -> (HashMap<String, String>, HashMap<String, String>) {
+    fn request_with(cookies: &[String]) -> (Vec<(String, String)>, ()) {
         let header = cookies
             .iter()
             .map(|c| c.split(';').next().unwrap().to_owned())
             .collect::<Vec<_>>()
             .join("; ");
-        let mut h = HashMap::new();
-        h.insert("cookie".to_owned(), header);
-        (h, HashMap::new())
+        (vec![("cookie".to_owned(), header)], ())
     }
 
-    fn req<'a>(h: &'a HashMap<String, String>, ext: &'a HashMap<String, String>) -> Request<'a> {
+    fn req<'a>(h: &'a [(String, String)], _: &()) -> Request<'a> {
         Request::assemble(crate::request::Parts {
             method: "GET",
             scheme: "http",
             authority: "app.test",
             request_uri: "/",
-            headers: crate::request::Headers::Map(h),
+            headers: crate::request::Headers::Pairs(h),
             source_ip: None,
-            context_extensions: ext,
+            context_extensions: &[],
             body: b"",
             body_truncated: false,
             body_size: None,
