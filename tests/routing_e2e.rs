@@ -480,3 +480,29 @@ routes:
         "host filters before priority",
     );
 }
+
+/// HTTP allows bytes 0x80–0xFF in a header value (obs-text). Envoy replaces them
+/// before they reach a CheckRequest (protobuf strings are UTF-8), so such a request is
+/// decided like any other — it neither fails the Check (Envoy's 503) nor skips it.
+/// (A gRPC client that sends non-UTF-8 text itself gets a 400: src/request.rs.)
+#[tokio::test]
+async fn a_header_value_that_is_not_utf8_is_still_decided() {
+    let stack = Stack::start(ROUTES).await;
+    let value = reqwest::header::HeaderValue::from_bytes(b"caf\xe9").unwrap();
+    let reply = stack
+        .send(
+            stack
+                .request(Method::GET, "/exact")
+                .header("x-latin1", value.clone()),
+        )
+        .await;
+    assert_passes(&reply, "route without plugins, obs-text header");
+    let reply = stack
+        .send(
+            stack
+                .request(Method::GET, "/nothing")
+                .header("x-latin1", value),
+        )
+        .await;
+    assert_route_not_found(&reply, "no route, obs-text header");
+}
