@@ -59,14 +59,26 @@ fn load_script_smoke_pass_produces_every_row() {
         "Envoy, no auth",
         "Envoy jwt_authn HS256",
         "Envoy + portcullis: no-plugin route",
+        "Envoy + portcullis: no-plugin route, with the token",
         "gRPC Check direct: no-plugin route",
     ] {
         let row = rows
             .iter()
             .find(|r| r.contains(label))
             .unwrap_or_else(|| panic!("no row {label:?} in\n{stdout}"));
-        let rps: f64 = row.split('|').nth(2).unwrap().trim().parse().unwrap_or(0.0);
-        assert!(rps > 0.0, "row {label:?} has no req/s: {row}");
+        let column =
+            |i: usize| -> f64 { row.split('|').nth(i).unwrap().trim().parse().unwrap_or(0.0) };
+        assert!(column(2) > 0.0, "row {label:?} has no req/s: {row}");
+        // CPU per request: Envoy (6) on Envoy rows, portcullis (7) on its rows.
+        if label.contains("Envoy") {
+            assert!(column(6) > 0.0, "row {label:?} has no Envoy CPU: {row}");
+        }
+        if label.contains("portcullis") || label.contains("gRPC") {
+            assert!(
+                column(7) > 0.0,
+                "row {label:?} has no portcullis CPU: {row}"
+            );
+        }
     }
     // Rows for plugins this build has are in the table; the others are named as skipped.
     for plugin_row in [
