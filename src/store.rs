@@ -407,7 +407,9 @@ impl Store {
                         inner.consumers.by_key.insert(key.clone(), cred);
                         keys.push(key);
                     }
-                    inner.consumer_keys.insert(name, keys);
+                    if !keys.is_empty() {
+                        inner.consumer_keys.insert(name, keys);
+                    }
                     inner
                         .consumers
                         .by_name
@@ -420,7 +422,12 @@ impl Store {
                 }
                 let mut spec: CredentialSpec = parse(body)?;
                 spec.id = Some(cid.clone());
-                let (key, cred) = snapshot::compile_credential(user, cid, &spec, &cx)?;
+                let (key, cred) = snapshot::compile_credential(
+                    inner.consumers.shared_name(user),
+                    cid,
+                    &spec,
+                    &cx,
+                )?;
                 if let Some(other) = inner.consumers.by_key.get(&key)
                     && !(&*other.username == user.as_str()
                         && other.credential_id.as_deref() == Some(cid.as_str()))
@@ -718,6 +725,26 @@ mod tests {
             s.delete(&ResourceId::Consumer("alice".into())).await,
             Err(WriteError::NotFound(_))
         ));
+    }
+
+    /// At 100k consumers every duplicated name is megabytes: a credential holds its
+    /// consumer's own `Arc`, whether loaded from the file or written later.
+    #[tokio::test]
+    async fn credentials_share_their_consumers_name() {
+        let file = "consumers:\n  - username: alice\n    credentials: [ { id: c1, plugins: { jwt-auth: { key: k1, secret: s1 } } } ]\n";
+        let (runtime, s) = store(file, None);
+        s.put(
+            ResourceId::Credential("alice".into(), "c2".into()),
+            json!({"plugins": {"jwt-auth": {"key": "k2", "secret": "s2"}}}),
+        )
+        .await
+        .unwrap();
+        let consumers = runtime.snapshot().consumers.clone();
+        let name = consumers.by_name.get("alice").unwrap().key().clone();
+        for key in ["k1", "k2"] {
+            let cred = consumers.credential("jwt-auth", key).unwrap();
+            assert!(Arc::ptr_eq(&cred.username, &name), "{key}");
+        }
     }
 
     #[tokio::test]

@@ -111,7 +111,10 @@ pub fn build(res: &Resources, cx: &BuildContext<'_>) -> Result<Built, String> {
             }
             keys.push(key);
         }
-        consumer_keys.insert(name.clone(), keys);
+        // Most consumers authenticate through credentials only: no entry for them.
+        if !keys.is_empty() {
+            consumer_keys.insert(name.clone(), keys);
+        }
         consumers
             .by_name
             .insert(compiled.consumer.username.clone(), compiled.consumer);
@@ -121,12 +124,13 @@ pub fn build(res: &Resources, cx: &BuildContext<'_>) -> Result<Built, String> {
             .spec
             .get()
             .map_err(|e| format!("at `consumers[username={user}].credentials[id={id}]`: {e}"))?;
-        let (key, cred) = snapshot::compile_credential(user, id, &spec, cx).map_err(|e| {
-            format!(
-                "at `consumers[username={user}].credentials[id={id}].{}`: {e}",
-                e.path()
-            )
-        })?;
+        let (key, cred) = snapshot::compile_credential(consumers.shared_name(user), id, &spec, cx)
+            .map_err(|e| {
+                format!(
+                    "at `consumers[username={user}].credentials[id={id}].{}`: {e}",
+                    e.path()
+                )
+            })?;
         if consumers.by_key.insert(key.clone(), cred).is_some() {
             return Err(format!(
                 "at `consumers[username={user}].credentials[id={id}]`: {}",

@@ -170,7 +170,7 @@ pub(crate) fn build_snapshot(
             let cspec: CredentialSpec = serde_json::from_value(cred.clone()).unwrap();
             let id = cred["id"].as_str().unwrap();
             let (key, compiled_cred) =
-                snapshot::compile_credential(&spec.username, id, &cspec, &cx)
+                snapshot::compile_credential(spec.username.as_str(), id, &cspec, &cx)
                     .map_err(|e| e.to_string())?;
             all.by_key.insert(key, compiled_cred);
         }

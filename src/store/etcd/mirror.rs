@@ -169,7 +169,9 @@ impl Inner {
             self.consumers.by_key.insert(key.clone(), cred);
             keys.push(key);
         }
-        self.consumer_keys.insert(name.to_owned(), keys);
+        if !keys.is_empty() {
+            self.consumer_keys.insert(name.to_owned(), keys);
+        }
         let is_new = !self.consumers.by_name.contains_key(name);
         self.consumers
             .by_name
@@ -230,7 +232,8 @@ impl Inner {
         cid: &str,
         spec: &CredentialSpec,
     ) -> Result<(), WriteError> {
-        let (key, cred) = snapshot::compile_credential(user, cid, spec, cx)?;
+        let (key, cred) =
+            snapshot::compile_credential(self.consumers.shared_name(user), cid, spec, cx)?;
         if let Some(other) = self.consumers.by_key.get(&key)
             && !(&*other.username == user && other.credential_id.as_deref() == Some(cid))
         {

@@ -86,7 +86,7 @@ impl Store {
                 ));
                 let mut spec: CredentialSpec = parse(body)?;
                 spec.id = Some(cid.clone());
-                let (k, _) = snapshot::compile_credential(user, cid, &spec, &cx)?;
+                let (k, _) = snapshot::compile_credential(user.as_str(), cid, &spec, &cx)?;
                 let inner = self.inner.lock().await;
                 if let Some(other) = inner.consumers.by_key.get(&k)
                     && !(&*other.username == user.as_str()
