@@ -56,6 +56,17 @@ pub struct Credential {
 /// Lookup key of a credential: the auth plugin and its key (e.g. jwt-auth `key`).
 pub type AuthKey = (&'static str, String);
 
+/// Whose auth keys [`Consumers::drop_keys`] removes.
+#[derive(Debug, Clone, Copy)]
+pub enum KeyOwner<'a> {
+    /// Auth plugins written directly on the consumer (APISIX 2.x style).
+    Inline(&'a str),
+    /// One credential: consumer name and credential id.
+    Credential(&'a str, &'a str),
+    /// Everything the consumer authenticates with.
+    Consumer(&'a str),
+}
+
 #[derive(Debug, Default)]
 pub struct Consumers {
     pub by_name: DashMap<Arc<str>, Arc<Consumer>>,
@@ -74,6 +85,24 @@ impl Consumers {
             .get(username)
             .map(|e| e.key().clone())
             .unwrap_or_else(|| username.into())
+    }
+
+    /// Drops the keys `owner` holds from the credential index, except `keep` (the ones
+    /// just inserted for it, so an updated credential is never missing for a moment).
+    /// Ownership is read from the indexed credentials themselves: an Admin write scans
+    /// the index (about a millisecond at 100k credentials) instead of the store keeping a
+    /// second map of every credential's key, which cost ~200 bytes per credential.
+    pub fn drop_keys(&self, owner: KeyOwner<'_>, keep: &[AuthKey]) {
+        self.by_key.retain(|key, cred| {
+            let owned = match owner {
+                KeyOwner::Inline(user) => &*cred.username == user && cred.credential_id.is_none(),
+                KeyOwner::Credential(user, id) => {
+                    &*cred.username == user && cred.credential_id.as_deref() == Some(id)
+                }
+                KeyOwner::Consumer(user) => &*cred.username == user,
+            };
+            !owned || keep.contains(key)
+        });
     }
 
     pub fn credential(&self, plugin: &'static str, key: &str) -> Option<Arc<Credential>> {

@@ -25,7 +25,7 @@ use crate::config::{FileConfig, Unmatched};
 use crate::plugins::BuildContext;
 use crate::resources::{ConsumerSpec, CredentialSpec, RouteSpec, SpecError};
 use crate::runtime::Runtime;
-use crate::snapshot::{self, AuthKey, CompileError, Consumers, Route, Snapshot};
+use crate::snapshot::{self, CompileError, Consumers, KeyOwner, Route, Snapshot};
 
 mod build;
 pub mod etcd;
@@ -96,9 +96,6 @@ struct Inner {
     admin: StateFile,
     unmatched: Unmatched,
     routes: HashMap<String, Arc<Route>>,
-    /// Which auth keys each consumer's inline plugins and each credential hold.
-    consumer_keys: HashMap<String, Vec<AuthKey>>,
-    credential_keys: HashMap<(String, String), AuthKey>,
     consumers: Arc<Consumers>,
 }
 
@@ -156,8 +153,6 @@ impl Store {
             admin,
             unmatched: config.unmatched,
             routes: HashMap::new(),
-            consumer_keys: HashMap::new(),
-            credential_keys: HashMap::new(),
             consumers: Arc::new(Consumers::default()),
         };
         let store = Store {
@@ -179,8 +174,6 @@ impl Store {
     fn install(&self, inner: &mut Inner, built: Built) {
         inner.routes = built.routes;
         inner.consumers = built.consumers;
-        inner.consumer_keys = built.consumer_keys;
-        inner.credential_keys = built.credential_keys;
         self.publish_routes(inner);
     }
 
@@ -399,17 +392,12 @@ impl Store {
                 self.commit(&mut inner, index, undo)?;
                 let name = name.clone();
                 Box::new(move |inner| {
-                    for key in inner.consumer_keys.remove(&name).unwrap_or_default() {
-                        inner.consumers.by_key.remove(&key);
-                    }
                     let mut keys = Vec::new();
                     for (key, cred) in compiled.inline_credentials {
                         inner.consumers.by_key.insert(key.clone(), cred);
                         keys.push(key);
                     }
-                    if !keys.is_empty() {
-                        inner.consumer_keys.insert(name, keys);
-                    }
+                    inner.consumers.drop_keys(KeyOwner::Inline(&name), &keys);
                     inner
                         .consumers
                         .by_name
@@ -451,11 +439,9 @@ impl Store {
                 inner.admin.written.credentials.insert(ck.clone(), stored);
                 self.commit(&mut inner, index, undo)?;
                 Box::new(move |inner| {
-                    if let Some(old) = inner.credential_keys.remove(&ck) {
-                        inner.consumers.by_key.remove(&old);
-                    }
                     inner.consumers.by_key.insert(key.clone(), cred);
-                    inner.credential_keys.insert(ck, key);
+                    let owner = KeyOwner::Credential(&ck.0, &ck.1);
+                    inner.consumers.drop_keys(owner, std::slice::from_ref(&key));
                 })
             }
         };
@@ -503,12 +489,7 @@ impl Store {
                 if inner.consumer(name).is_none() {
                     return Err(WriteError::NotFound("Key not found".into()));
                 }
-                let creds: Vec<(String, String)> = inner
-                    .credential_keys
-                    .keys()
-                    .filter(|(u, _)| u == name)
-                    .cloned()
-                    .collect();
+                let creds = inner.credential_ids(name);
                 let mut undo = undo.consumer(&inner.admin, name);
                 for ck in &creds {
                     undo = undo.credential(&inner.admin, ck);
@@ -526,14 +507,7 @@ impl Store {
                     inner.admin.deleted.consumers.insert(name.clone());
                 }
                 self.commit(&mut inner, index, undo)?;
-                for key in inner.consumer_keys.remove(name).unwrap_or_default() {
-                    inner.consumers.by_key.remove(&key);
-                }
-                for ck in creds {
-                    if let Some(key) = inner.credential_keys.remove(&ck) {
-                        inner.consumers.by_key.remove(&key);
-                    }
-                }
+                inner.consumers.drop_keys(KeyOwner::Consumer(name), &[]);
                 inner.consumers.by_name.remove(name.as_str());
             }
             ResourceId::Credential(user, cid) => {
@@ -551,9 +525,9 @@ impl Store {
                         .insert(format!("{user}/{cid}"));
                 }
                 self.commit(&mut inner, index, undo)?;
-                if let Some(key) = inner.credential_keys.remove(&ck) {
-                    inner.consumers.by_key.remove(&key);
-                }
+                inner
+                    .consumers
+                    .drop_keys(KeyOwner::Credential(user, cid), &[]);
             }
         }
         Ok(())
@@ -576,6 +550,29 @@ impl Inner {
                 .then(|| self.file.consumers.get(name))
                 .flatten()
         })
+    }
+
+    /// Every credential id stored for `user` in either layer, tombstoned or not.
+    fn credential_ids(&self, user: &str) -> Vec<(String, String)> {
+        let range = (user.to_owned(), String::new())..;
+        let of_user = |((u, _), _): &(&(String, String), _)| u == user;
+        let mut ids: Vec<(String, String)> = self
+            .file
+            .credentials
+            .range(range.clone())
+            .take_while(of_user)
+            .chain(
+                self.admin
+                    .written
+                    .credentials
+                    .range(range)
+                    .take_while(of_user),
+            )
+            .map(|(k, _)| k.clone())
+            .collect();
+        ids.sort();
+        ids.dedup();
+        ids
     }
 
     fn credential(&self, user: &str, id: &str) -> Option<&Stored<CredentialSpec>> {
@@ -745,6 +742,60 @@ mod tests {
             let cred = consumers.credential("jwt-auth", key).unwrap();
             assert!(Arc::ptr_eq(&cred.username, &name), "{key}");
         }
+    }
+
+    /// Without a second map of keys, the index itself says which keys a write
+    /// replaces: an updated credential's old key stops working, the new one works at
+    /// once, and neither a sibling credential's nor the inline plugins' keys are touched.
+    #[tokio::test]
+    async fn writes_replace_exactly_the_keys_they_own() {
+        let file = "consumers:\n  - username: alice\n    plugins: { jwt-auth: { key: inline, secret: s0 } }\n    credentials:\n      - { id: c1, plugins: { jwt-auth: { key: k1, secret: s1 } } }\n      - { id: c2, plugins: { jwt-auth: { key: k2, secret: s2 } } }\n  - { username: bob, credentials: [ { id: c1, plugins: { jwt-auth: { key: b1, secret: s3 } } } ] }\n";
+        let (runtime, s) = store(file, None);
+        let has = |key: &str| {
+            runtime
+                .snapshot()
+                .consumers
+                .credential("jwt-auth", key)
+                .is_some()
+        };
+        let cred = |user: &str, id: &str| ResourceId::Credential(user.into(), id.into());
+        s.put(
+            cred("alice", "c1"),
+            json!({"plugins": {"jwt-auth": {"key": "k1-new", "secret": "s1"}}}),
+        )
+        .await
+        .unwrap();
+        assert!(!has("k1") && has("k1-new") && has("k2") && has("inline") && has("b1"));
+        // Same key, new secret: replaced in place.
+        s.put(
+            cred("alice", "c2"),
+            json!({"plugins": {"jwt-auth": {"key": "k2", "secret": "other"}}}),
+        )
+        .await
+        .unwrap();
+        assert!(has("k2"));
+        // The consumer's own plugins: only the inline key changes.
+        s.put(
+            ResourceId::Consumer("alice".into()),
+            json!({"username": "alice", "plugins": {"jwt-auth": {"key": "inline2", "secret": "s0"}}}),
+        )
+        .await
+        .unwrap();
+        assert!(!has("inline") && has("inline2") && has("k1-new") && has("k2"));
+        s.delete(&cred("alice", "c2")).await.unwrap();
+        assert!(!has("k2") && has("k1-new") && has("inline2"));
+        s.delete(&ResourceId::Consumer("alice".into()))
+            .await
+            .unwrap();
+        assert!(
+            !has("k1-new") && !has("inline2"),
+            "the consumer's keys go with it"
+        );
+        assert!(
+            has("b1"),
+            "another consumer's credential with the same id stays"
+        );
+        assert!(s.get(&cred("alice", "c1")).await.is_none());
     }
 
     #[tokio::test]

@@ -69,8 +69,6 @@ pub fn file_layer(config: &FileConfig) -> Result<Resources, String> {
 pub struct Built {
     pub routes: HashMap<String, Arc<Route>>,
     pub consumers: Arc<Consumers>,
-    pub consumer_keys: HashMap<String, Vec<AuthKey>>,
-    pub credential_keys: HashMap<(String, String), AuthKey>,
 }
 
 pub fn duplicate_key(key: &AuthKey) -> String {
@@ -92,8 +90,6 @@ pub fn build(res: &Resources, cx: &BuildContext<'_>) -> Result<Built, String> {
         routes.insert(id.clone(), Arc::new(route));
     }
     let consumers = Consumers::default();
-    let mut consumer_keys = HashMap::new();
-    let mut credential_keys = HashMap::new();
     for (name, c) in &res.consumers {
         let spec = c
             .spec
@@ -101,7 +97,6 @@ pub fn build(res: &Resources, cx: &BuildContext<'_>) -> Result<Built, String> {
             .map_err(|e| format!("at `consumers[username={name}]`: {e}"))?;
         let compiled = snapshot::compile_consumer(&spec, cx)
             .map_err(|e| format!("at `consumers[username={name}].{}`: {e}", e.path()))?;
-        let mut keys = Vec::new();
         for (key, cred) in compiled.inline_credentials {
             if consumers.by_key.insert(key.clone(), cred).is_some() {
                 return Err(format!(
@@ -109,11 +104,6 @@ pub fn build(res: &Resources, cx: &BuildContext<'_>) -> Result<Built, String> {
                     duplicate_key(&key)
                 ));
             }
-            keys.push(key);
-        }
-        // Most consumers authenticate through credentials only: no entry for them.
-        if !keys.is_empty() {
-            consumer_keys.insert(name.clone(), keys);
         }
         consumers
             .by_name
@@ -137,13 +127,10 @@ pub fn build(res: &Resources, cx: &BuildContext<'_>) -> Result<Built, String> {
                 duplicate_key(&key)
             ));
         }
-        credential_keys.insert((user.clone(), id.clone()), key);
     }
     Ok(Built {
         routes,
         consumers: Arc::new(consumers),
-        consumer_keys,
-        credential_keys,
     })
 }
 

@@ -10,7 +10,7 @@ use serde_json::Value;
 use super::Change;
 use crate::plugins::BuildContext;
 use crate::resources::{ConsumerSpec, CredentialSpec, RouteSpec};
-use crate::snapshot::{self, Consumers};
+use crate::snapshot::{self, Consumers, KeyOwner};
 use crate::store::layers::{Compact, Resources, StateFile, Stored};
 use crate::store::{Inner, ResourceId, WriteError, duplicate_key, parse};
 
@@ -60,8 +60,6 @@ impl Inner {
             },
             unmatched,
             routes: Default::default(),
-            consumer_keys: Default::default(),
-            credential_keys: Default::default(),
             consumers: Arc::new(Consumers::default()),
         }
     }
@@ -155,9 +153,6 @@ impl Inner {
             )));
         }
         let compiled = snapshot::compile_consumer(&got.spec, cx)?;
-        for key in self.consumer_keys.remove(name).unwrap_or_default() {
-            self.consumers.by_key.remove(&key);
-        }
         let mut keys = Vec::new();
         for (key, cred) in compiled.inline_credentials {
             if let Some(other) = self.consumers.by_key.get(&key)
@@ -169,9 +164,7 @@ impl Inner {
             self.consumers.by_key.insert(key.clone(), cred);
             keys.push(key);
         }
-        if !keys.is_empty() {
-            self.consumer_keys.insert(name.to_owned(), keys);
-        }
+        self.consumers.drop_keys(KeyOwner::Inline(name), &keys);
         let is_new = !self.consumers.by_name.contains_key(name);
         self.consumers
             .by_name
@@ -239,12 +232,9 @@ impl Inner {
         {
             return Err(WriteError::Invalid(duplicate_key(&key)));
         }
-        let ck = (user.to_owned(), cid.to_owned());
-        if let Some(old) = self.credential_keys.remove(&ck) {
-            self.consumers.by_key.remove(&old);
-        }
         self.consumers.by_key.insert(key.clone(), cred);
-        self.credential_keys.insert(ck, key);
+        self.consumers
+            .drop_keys(KeyOwner::Credential(user, cid), std::slice::from_ref(&key));
         Ok(())
     }
 
@@ -258,32 +248,18 @@ impl Inner {
             }
             ResourceId::Consumer(name) => {
                 self.admin.written.consumers.remove(name);
-                for key in self.consumer_keys.remove(name).unwrap_or_default() {
-                    self.consumers.by_key.remove(&key);
-                }
-                // Its credentials stop authenticating now. Their keys stay mirrored
+                // Its credentials stop authenticating now. Their specs stay mirrored
                 // until etcd deletes them too (the Admin API does so in the same
                 // transaction), exactly as a fresh load would see them.
-                let creds: Vec<_> = self
-                    .credential_keys
-                    .keys()
-                    .filter(|(u, _)| u == name)
-                    .cloned()
-                    .collect();
-                for ck in creds {
-                    if let Some(key) = self.credential_keys.remove(&ck) {
-                        self.consumers.by_key.remove(&key);
-                    }
-                }
+                self.consumers.drop_keys(KeyOwner::Consumer(name), &[]);
                 self.consumers.by_name.remove(name.as_str());
                 false
             }
             ResourceId::Credential(user, cid) => {
                 let ck = (user.clone(), cid.clone());
                 self.admin.written.credentials.remove(&ck);
-                if let Some(key) = self.credential_keys.remove(&ck) {
-                    self.consumers.by_key.remove(&key);
-                }
+                self.consumers
+                    .drop_keys(KeyOwner::Credential(user, cid), &[]);
                 false
             }
         }
