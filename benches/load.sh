@@ -102,7 +102,8 @@ mkdir -p "$WORK/www/.well-known" "$WORK/nginx-tmp"
 printf '{"keys":[{"kty":"RSA","alg":"RS256","use":"sig","kid":"bench-rs","n":"%s","e":"AQAB"}]}\n' "$RS_N" >"$WORK/www/jwks.json"
 cat >"$WORK/www/.well-known/openid-configuration" <<EOF
 {"issuer":"$ISSUER","authorization_endpoint":"$ISSUER/authorize","token_endpoint":"$ISSUER/token",
- "jwks_uri":"$ISSUER/jwks.json","response_types_supported":["code"],"subject_types_supported":["public"],
+ "jwks_uri":"$ISSUER/jwks.json","introspection_endpoint":"$ISSUER/introspect",
+ "response_types_supported":["code"],"subject_types_supported":["public"],
  "id_token_signing_alg_values_supported":["RS256"]}
 EOF
 cat >"$WORK/nginx.conf" <<EOF
@@ -123,6 +124,11 @@ http {
     listen 127.0.0.1:$UP_PORT;
     location = /jwks.json { root $WORK/www; default_type application/json; }
     location = /.well-known/openid-configuration { root $WORK/www; default_type application/json; }
+    # RFC 7662: every opaque token is active until EXP (portcullis caches the answer).
+    location = /introspect {
+      default_type application/json;
+      return 200 '{"active":true,"sub":"bench","scope":"openid","client_id":"bench","iss":"$ISSUER","exp":$EXP}';
+    }
     location / { default_type text/plain; return 200 "hello from upstream\n"; }
   }
   server {
@@ -151,6 +157,17 @@ route_yaml() { # row id → route (and consumer) YAML lines, empty if none
         discovery: $ISSUER/.well-known/openid-configuration
         bearer_only: true
         use_jwks: true
+EOF
+    ;;
+    oidc-intro) cat <<EOF
+  - id: oidc-intro
+    uri: "/oidc-intro/*"
+    plugins:
+      openid-connect:
+        client_id: bench
+        client_secret: bench-secret
+        discovery: $ISSUER/.well-known/openid-configuration
+        bearer_only: true
 EOF
     ;;
     fwd) cat <<EOF
@@ -200,7 +217,7 @@ state_file: $WORK/state.yaml
 EOF
 }
 NEEDS_CONSUMERS="jwt-hs jwt-rs"
-PC_ROWS=(noplugin jwt-hs jwt-rs oidc fwd fwd-cache)
+PC_ROWS=(noplugin jwt-hs jwt-rs oidc oidc-intro fwd fwd-cache)
 declare -A SKIP=()
 ENABLED=()
 for r in "${PC_ROWS[@]}"; do
@@ -247,13 +264,13 @@ add() { ROWS+=("$1|$2|$3|$4|$5|$6"); }
 label_of() {
   case "$1" in
     noplugin) echo "no-plugin route" ;; jwt-hs) echo "jwt-auth HS256" ;; jwt-rs) echo "jwt-auth RS256" ;;
-    oidc) echo "openid-connect bearer (JWKS)" ;; fwd) echo "forward-auth" ;; fwd-cache) echo "forward-auth + decision cache" ;;
+    oidc) echo "openid-connect bearer (JWKS)" ;; oidc-intro) echo "openid-connect bearer (introspection cache)" ;; fwd) echo "forward-auth" ;; fwd-cache) echo "forward-auth + decision cache" ;;
   esac
 }
 auth_of() {
   case "$1" in
     jwt-hs) echo "authorization: Bearer $HS_TOKEN" ;; jwt-rs|oidc) echo "authorization: Bearer $RS_TOKEN" ;;
-    fwd|fwd-cache) echo "authorization: Bearer opaque-bench-token" ;; *) echo "" ;;
+    fwd|fwd-cache|oidc-intro) echo "authorization: Bearer opaque-bench-token" ;; *) echo "" ;;
   esac
 }
 path_of() { case "$1" in noplugin) echo /open/item ;; *) echo "/$1/item" ;; esac; }
@@ -401,21 +418,22 @@ for rid, tool, base, label, path in rows:
     med[rid] = [statistics.median(r[i] for r in good) for i in range(6)]
 print(open(sys.argv[2]).read().rstrip())
 print()
-print(f"| {'row':<52} | {'req/s':>9} | {'p50 ms':>7} | {'p99 ms':>7} | {'ratio':>5} | {'CPU µs/req: Envoy':>17} | {'portcullis':>10} | {'nginx':>5} | baseline")
-print(f"|{'-'*54}|{'-'*11}|{'-'*9}|{'-'*9}|{'-'*7}|{'-'*19}|{'-'*12}|{'-'*7}|{'-'*10}")
+print(f"| {'row':<64} | {'req/s':>9} | {'p50 ms':>7} | {'p99 ms':>7} | {'ratio':>5} | {'CPU µs/req: Envoy':>17} | {'portcullis':>10} | {'nginx':>5} | baseline")
+print(f"|{'-'*66}|{'-'*11}|{'-'*9}|{'-'*9}|{'-'*7}|{'-'*19}|{'-'*12}|{'-'*7}|{'-'*10}")
 labels = {r[0]: r[3] for r in rows}
 for rid, tool, base, label, _ in rows:
     if rid not in med:
-        print(f"| {label:<52} | {'FAILED':>9} | {'':>7} | {'':>7} | {'':>5} | {'':>17} | {'':>10} | {'':>5} |")
+        print(f"| {label:<64} | {'FAILED':>9} | {'':>7} | {'':>7} | {'':>5} | {'':>17} | {'':>10} | {'':>5} |")
         continue
     rps, p50, p99, env_us, pc_us, ngx_us = med[rid]
     ratio = f"{rps / med[base][0]:.2f}" if base in med else "n/a"
     bname = "itself" if base == rid else labels.get(base, base)
-    print(f"| {label:<52} | {rps:>9.0f} | {p50:>7.2f} | {p99:>7.2f} | {ratio:>5} | {env_us:>17.0f} | {pc_us:>10.0f} | {ngx_us:>5.0f} | {bname}")
+    print(f"| {label:<64} | {rps:>9.0f} | {p50:>7.2f} | {p99:>7.2f} | {ratio:>5} | {env_us:>17.0f} | {pc_us:>10.0f} | {ngx_us:>5.0f} | {bname}")
 checks = [
     ("Envoy + portcullis jwt-auth HS256 / Envoy + portcullis no-plugin", "pc-jwt-hs", "pc-noplugin", 0.95),
     ("Envoy + portcullis jwt-auth HS256 / Envoy jwt_authn HS256", "pc-jwt-hs", "jwtn", 0.75),
     ("Envoy + portcullis openid-connect JWKS / no-plugin", "pc-oidc", "pc-noplugin", 0.85),
+    ("Envoy + portcullis openid-connect introspection cache / no-plugin", "pc-oidc-intro", "pc-noplugin", 0.85),
     ("Envoy + portcullis jwt-auth HS256 / no-plugin with the same token", "pc-jwt-hs", "pc-noplugin-hdr", None),
     ("Envoy + portcullis no-plugin / Envoy, no auth", "pc-noplugin", "envoy", None),
     ("Envoy jwt_authn / Envoy, no auth", "jwtn", "envoy", None),

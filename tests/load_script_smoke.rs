@@ -84,7 +84,8 @@ fn load_script_smoke_pass_produces_every_row() {
     for plugin_row in [
         "jwt-auth HS256",
         "jwt-auth RS256",
-        "openid-connect bearer",
+        "openid-connect bearer (JWKS)",
+        "openid-connect bearer (introspection cache)",
         "forward-auth",
     ] {
         assert!(
