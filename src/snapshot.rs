@@ -49,12 +49,15 @@ pub struct Consumer {
 #[derive(Debug)]
 pub struct Credential {
     pub username: Arc<str>,
-    pub credential_id: Option<String>,
+    pub credential_id: Option<Box<str>>,
     pub auth: ConsumerAuth,
 }
 
 /// Lookup key of a credential: the auth plugin and its key (e.g. jwt-auth `key`).
-pub type AuthKey = (&'static str, String);
+pub type AuthKey = (&'static str, Box<str>);
+
+/// One auth plugin's credentials by their key.
+type KeyIndex = DashMap<Box<str>, Arc<Credential>>;
 
 /// Whose auth keys [`Consumers::drop_keys`] removes.
 #[derive(Debug, Clone, Copy)]
@@ -67,10 +70,14 @@ pub enum KeyOwner<'a> {
     Consumer(&'a str),
 }
 
+/// Consumers by name, and the credential index: one map per auth plugin, keyed by
+/// the plugin's key alone, so a Check looks its key up borrowed (no owned
+/// `(plugin, key)` tuple per request) and an entry is a boxed key and a pointer
+/// (100k of them at scale).
 #[derive(Debug, Default)]
 pub struct Consumers {
     pub by_name: DashMap<Arc<str>, Arc<Consumer>>,
-    pub by_key: DashMap<AuthKey, Arc<Credential>>,
+    jwt_auth: KeyIndex,
 }
 
 impl Consumers {
@@ -93,23 +100,48 @@ impl Consumers {
     /// the index (about a millisecond at 100k credentials) instead of the store keeping a
     /// second map of every credential's key, which cost ~200 bytes per credential.
     pub fn drop_keys(&self, owner: KeyOwner<'_>, keep: &[AuthKey]) {
-        self.by_key.retain(|key, cred| {
-            let owned = match owner {
-                KeyOwner::Inline(user) => &*cred.username == user && cred.credential_id.is_none(),
-                KeyOwner::Credential(user, id) => {
-                    &*cred.username == user && cred.credential_id.as_deref() == Some(id)
-                }
-                KeyOwner::Consumer(user) => &*cred.username == user,
-            };
-            !owned || keep.contains(key)
-        });
+        for (plugin, index) in self.indexes() {
+            index.retain(|key, cred| {
+                let owned = match owner {
+                    KeyOwner::Inline(user) => {
+                        &*cred.username == user && cred.credential_id.is_none()
+                    }
+                    KeyOwner::Credential(user, id) => {
+                        &*cred.username == user && cred.credential_id.as_deref() == Some(id)
+                    }
+                    KeyOwner::Consumer(user) => &*cred.username == user,
+                };
+                !owned || keep.iter().any(|(p, k)| *p == plugin && k == key)
+            });
+        }
     }
 
-    pub fn credential(&self, plugin: &'static str, key: &str) -> Option<Arc<Credential>> {
-        // DashMap needs an owned key for tuple lookups; keys are short.
-        self.by_key
-            .get(&(plugin, key.to_owned()))
-            .map(|c| c.value().clone())
+    /// Every auth plugin's index, with the plugin's name.
+    fn indexes(&self) -> [(&'static str, &KeyIndex); 1] {
+        [(plugins::jwt_auth::PLUGIN, &self.jwt_auth)]
+    }
+
+    fn index(&self, plugin: &str) -> Option<&KeyIndex> {
+        self.indexes()
+            .into_iter()
+            .find_map(|(name, index)| (name == plugin).then_some(index))
+    }
+
+    pub fn credential(&self, plugin: &str, key: &str) -> Option<Arc<Credential>> {
+        self.index(plugin)?.get(key).map(|c| c.value().clone())
+    }
+
+    /// Indexes `cred` under its key; returns the credential that held the key before.
+    pub fn insert_credential(
+        &self,
+        (_, key): AuthKey,
+        cred: Arc<Credential>,
+    ) -> Option<Arc<Credential>> {
+        // The index follows from the credential's type, so every auth plugin has one.
+        let index = match cred.auth {
+            ConsumerAuth::JwtAuth(_) => &self.jwt_auth,
+        };
+        index.insert(key, cred)
     }
 }
 
@@ -248,7 +280,7 @@ pub fn compile_credential(
             key,
             Arc::new(Credential {
                 username: username.into(),
-                credential_id: Some(id.to_owned()),
+                credential_id: Some(id.into()),
                 auth,
             }),
         )),

@@ -373,7 +373,7 @@ impl Store {
                 }
                 let compiled = snapshot::compile_consumer(&spec, &cx)?;
                 for (key, _) in &compiled.inline_credentials {
-                    if let Some(other) = inner.consumers.by_key.get(key)
+                    if let Some(other) = inner.consumers.credential(key.0, &key.1)
                         && &*other.username != name.as_str()
                     {
                         return Err(WriteError::Invalid(format!(
@@ -394,7 +394,7 @@ impl Store {
                 Box::new(move |inner| {
                     let mut keys = Vec::new();
                     for (key, cred) in compiled.inline_credentials {
-                        inner.consumers.by_key.insert(key.clone(), cred);
+                        inner.consumers.insert_credential(key.clone(), cred);
                         keys.push(key);
                     }
                     inner.consumers.drop_keys(KeyOwner::Inline(&name), &keys);
@@ -416,7 +416,7 @@ impl Store {
                     &spec,
                     &cx,
                 )?;
-                if let Some(other) = inner.consumers.by_key.get(&key)
+                if let Some(other) = inner.consumers.credential(key.0, &key.1)
                     && !(&*other.username == user.as_str()
                         && other.credential_id.as_deref() == Some(cid.as_str()))
                 {
@@ -439,7 +439,7 @@ impl Store {
                 inner.admin.written.credentials.insert(ck.clone(), stored);
                 self.commit(&mut inner, index, undo)?;
                 Box::new(move |inner| {
-                    inner.consumers.by_key.insert(key.clone(), cred);
+                    inner.consumers.insert_credential(key.clone(), cred);
                     let owner = KeyOwner::Credential(&ck.0, &ck.1);
                     inner.consumers.drop_keys(owner, std::slice::from_ref(&key));
                 })

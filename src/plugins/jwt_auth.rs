@@ -24,7 +24,7 @@ use crate::snapshot::{self, Consumer};
 pub use credential::Credential;
 pub use token::{Claim, ClaimRule, MAX_TOKEN_LEN, Signature, Token};
 
-const PLUGIN: &str = "jwt-auth";
+pub(crate) const PLUGIN: &str = "jwt-auth";
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -244,7 +244,7 @@ impl Plugin {
         };
         Ok(Authenticated {
             consumer,
-            credential_id: found.credential_id.clone(),
+            credential_id: found.credential_id.as_deref().map(str::to_owned),
             claims: token.claims.all.take().map(Value::Object),
         })
     }

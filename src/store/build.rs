@@ -98,7 +98,7 @@ pub fn build(res: &Resources, cx: &BuildContext<'_>) -> Result<Built, String> {
         let compiled = snapshot::compile_consumer(&spec, cx)
             .map_err(|e| format!("at `consumers[username={name}].{}`: {e}", e.path()))?;
         for (key, cred) in compiled.inline_credentials {
-            if consumers.by_key.insert(key.clone(), cred).is_some() {
+            if consumers.insert_credential(key.clone(), cred).is_some() {
                 return Err(format!(
                     "at `consumers[username={name}].plugins`: {}",
                     duplicate_key(&key)
@@ -121,7 +121,7 @@ pub fn build(res: &Resources, cx: &BuildContext<'_>) -> Result<Built, String> {
                     e.path()
                 )
             })?;
-        if consumers.by_key.insert(key.clone(), cred).is_some() {
+        if consumers.insert_credential(key.clone(), cred).is_some() {
             return Err(format!(
                 "at `consumers[username={user}].credentials[id={id}]`: {}",
                 duplicate_key(&key)

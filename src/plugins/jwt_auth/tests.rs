@@ -164,7 +164,7 @@ pub(crate) fn build_snapshot(
         let spec: ConsumerSpec = serde_json::from_value(body).unwrap();
         let done = snapshot::compile_consumer(&spec, &cx).map_err(|e| e.to_string())?;
         for (key, cred) in done.inline_credentials {
-            all.by_key.insert(key, cred);
+            all.insert_credential(key, cred);
         }
         for cred in creds.as_array().unwrap() {
             let cspec: CredentialSpec = serde_json::from_value(cred.clone()).unwrap();
@@ -172,7 +172,7 @@ pub(crate) fn build_snapshot(
             let (key, compiled_cred) =
                 snapshot::compile_credential(spec.username.as_str(), id, &cspec, &cx)
                     .map_err(|e| e.to_string())?;
-            all.by_key.insert(key, compiled_cred);
+            all.insert_credential(key, compiled_cred);
         }
         all.by_name
             .insert(done.consumer.username.clone(), done.consumer);

@@ -155,13 +155,13 @@ impl Inner {
         let compiled = snapshot::compile_consumer(&got.spec, cx)?;
         let mut keys = Vec::new();
         for (key, cred) in compiled.inline_credentials {
-            if let Some(other) = self.consumers.by_key.get(&key)
+            if let Some(other) = self.consumers.credential(key.0, &key.1)
                 && &*other.username != name
             {
                 tracing::error!(consumer = name, error = %duplicate_key(&key), "key in etcd already taken; ignoring it");
                 continue;
             }
-            self.consumers.by_key.insert(key.clone(), cred);
+            self.consumers.insert_credential(key.clone(), cred);
             keys.push(key);
         }
         self.consumers.drop_keys(KeyOwner::Inline(name), &keys);
@@ -227,12 +227,12 @@ impl Inner {
     ) -> Result<(), WriteError> {
         let (key, cred) =
             snapshot::compile_credential(self.consumers.shared_name(user), cid, spec, cx)?;
-        if let Some(other) = self.consumers.by_key.get(&key)
+        if let Some(other) = self.consumers.credential(key.0, &key.1)
             && !(&*other.username == user && other.credential_id.as_deref() == Some(cid))
         {
             return Err(WriteError::Invalid(duplicate_key(&key)));
         }
-        self.consumers.by_key.insert(key.clone(), cred);
+        self.consumers.insert_credential(key.clone(), cred);
         self.consumers
             .drop_keys(KeyOwner::Credential(user, cid), std::slice::from_ref(&key));
         Ok(())

@@ -58,7 +58,7 @@ impl Store {
                 let compiled = snapshot::compile_consumer(&spec, &cx)?;
                 let inner = self.inner.lock().await;
                 for (k, _) in &compiled.inline_credentials {
-                    if let Some(other) = inner.consumers.by_key.get(k)
+                    if let Some(other) = inner.consumers.credential(k.0, &k.1)
                         && &*other.username != name.as_str()
                     {
                         return Err(WriteError::Invalid(format!(
@@ -88,7 +88,7 @@ impl Store {
                 spec.id = Some(cid.clone());
                 let (k, _) = snapshot::compile_credential(user.as_str(), cid, &spec, &cx)?;
                 let inner = self.inner.lock().await;
-                if let Some(other) = inner.consumers.by_key.get(&k)
+                if let Some(other) = inner.consumers.credential(k.0, &k.1)
                     && !(&*other.username == user.as_str()
                         && other.credential_id.as_deref() == Some(cid.as_str()))
                 {
