@@ -6,6 +6,11 @@
 //! process stayed at 1.1 GiB RSS for 0.5 GiB of live data (docs/benchmarks.md).
 //! `malloc_trim` walks the arenas and returns every free page. It is called only
 //! after whole-file loads, which are rare, never on the request path.
+//!
+//! Trimming returns only whole free pages. Parsing a config on the thread that then
+//! builds the store interleaves the parser's garbage with the store's long-lived
+//! allocations, leaving pages partly used (16 MiB of them at 100k consumers), so a
+//! whole-file parse runs on a thread of its own: [`in_own_arena`].
 
 /// Returns free heap pages to the OS (glibc); a no-op with other allocators.
 pub fn release_free_memory() {
@@ -16,4 +21,16 @@ pub fn release_free_memory() {
     unsafe {
         libc::malloc_trim(0);
     }
+}
+
+/// Runs `f` on a thread of its own and returns its result (a panic in `f` is resumed
+/// here). glibc gives a new thread its own malloc arena, so what `f` allocates — a
+/// config parse's YAML events and parsed documents, hundreds of MB at 100k consumers —
+/// never shares pages with what the caller allocates meanwhile, and once freed is
+/// returned whole by [`release_free_memory`].
+pub fn in_own_arena<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| match s.spawn(f).join() {
+        Ok(value) => value,
+        Err(panic) => std::panic::resume_unwind(panic),
+    })
 }

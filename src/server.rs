@@ -52,7 +52,7 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Serve
 pub async fn serve(opts: Options) -> Result<(), ServeError> {
     let (mut config, text, file) = match &opts.config {
         Some(path) => {
-            let (config, text) = FileConfig::load(path)?;
+            let (config, text) = crate::memory::in_own_arena(|| FileConfig::load(path))?;
             (config, text, path.display().to_string())
         }
         None => (

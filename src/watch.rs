@@ -74,9 +74,11 @@ pub fn spawn(path: PathBuf, loaded: &str, store: Arc<Store>) -> notify::Result<C
                 continue;
             }
             let file = path.display().to_string();
+            // Parsed on a thread of its own, like the first load (`memory::in_own_arena`).
+            let parsed = crate::memory::in_own_arena(|| FileConfig::parse(&text, &file));
             // An empty file is what a reader sees mid-way through a truncate-and-write:
             // never take it for "no routes".
-            let result = match FileConfig::parse(&text, &file) {
+            let result = match parsed {
                 _ if text.trim().is_empty() => Err(format!(
                     "{file}: the file is empty (write `routes: []` to remove every route)"
                 )),
