@@ -34,7 +34,7 @@ mod layers;
 pub use build::validate;
 use build::{Built, build, duplicate_key, file_layer, now};
 pub use layers::{CredentialKey, CredentialMap, Resources, StateFile, Stored, Tombstones};
-use layers::{Undo, effective, layered, restamp, view};
+use layers::{Effective, Undo, layered, restamp, view};
 
 /// Which resource a write addresses.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -139,7 +139,10 @@ impl Store {
             error,
         })?;
         let built = build(
-            &effective(&file_res, &admin),
+            &Effective {
+                file: &file_res,
+                admin: &admin,
+            },
             &BuildContext {
                 shared: &runtime.shared,
             },
@@ -201,7 +204,10 @@ impl Store {
             error,
         })?;
         let built = build(
-            &effective(&file_res, &inner.admin),
+            &Effective {
+                file: &file_res,
+                admin: &inner.admin,
+            },
             &BuildContext {
                 shared: &self.runtime.shared,
             },

@@ -1,10 +1,10 @@
 //! Compiling a whole resource set: the file layer from a config file, and every
 //! route, consumer and credential into the runtime types a snapshot publishes.
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use super::LoadError;
-use super::layers::{Compact, Resources, Stored};
+use super::layers::{Compact, Effective, Resources, StateFile, Stored};
 use crate::config::FileConfig;
 use crate::plugins::BuildContext;
 use crate::snapshot::{self, AuthKey, Consumers, Route};
@@ -27,47 +27,55 @@ pub fn file_layer(config: &FileConfig) -> Result<Resources, String> {
             modified_index: 0,
         }
     }
-    let mut res = Resources::default();
+    // Entries are gathered in file order, checked for duplicates by borrowed name, and
+    // only then collected into the maps: a B-tree collected from entries is built from
+    // them sorted, with full nodes, where inserting in (nearly) key order leaves nodes
+    // about half full (≈ 60 bytes per resource at 100k consumers); and no map is
+    // built twice, whose garbage would interleave with what the store keeps.
+    let mut routes = Vec::with_capacity(config.routes.len());
+    let mut seen = HashSet::with_capacity(config.routes.len());
     for (i, route) in config.routes.iter().enumerate() {
-        let id = route.id.clone().ok_or_else(|| {
-            format!("at `routes[{i}]`: a route in the config file needs an \"id\"")
-        })?;
-        if res.routes.insert(id.clone(), stored(route, t)).is_some() {
+        let Some(id) = route.id.as_deref() else {
+            return Err(format!(
+                "at `routes[{i}]`: a route in the config file needs an \"id\""
+            ));
+        };
+        if !seen.insert(id) {
             return Err(format!("at `routes[{i}].id`: duplicate route id {id:?}"));
         }
+        routes.push((id.to_owned(), stored(route, t)));
     }
+    let mut consumers = Vec::with_capacity(config.consumers.len());
+    let mut credentials = Vec::new();
+    let mut seen = HashSet::with_capacity(config.consumers.len());
+    let mut seen_credentials = HashSet::new();
     for (i, entry) in config.consumers.iter().enumerate() {
-        let name = entry.consumer.username.clone();
-        if res
-            .consumers
-            .insert(name.clone(), stored(&entry.consumer, t))
-            .is_some()
-        {
+        let name = entry.consumer.username.as_str();
+        if !seen.insert(name) {
             return Err(format!(
                 "at `consumers[{i}].username`: duplicate consumer {name:?}"
             ));
         }
+        consumers.push((name.to_owned(), stored(&entry.consumer, t)));
         for (j, cred) in entry.credentials.iter().enumerate() {
-            let id = cred.id.clone().ok_or_else(|| {
-                format!("at `consumers[{i}].credentials[{j}]`: a credential needs an \"id\"")
-            })?;
-            if res
-                .credentials
-                .insert((name.clone(), id.clone()), stored(cred, t))
-                .is_some()
-            {
+            let Some(id) = cred.id.as_deref() else {
+                return Err(format!(
+                    "at `consumers[{i}].credentials[{j}]`: a credential needs an \"id\""
+                ));
+            };
+            if !seen_credentials.insert((name, id)) {
                 return Err(format!(
                     "at `consumers[{i}].credentials[{j}].id`: duplicate credential id {id:?}"
                 ));
             }
+            credentials.push(((name.to_owned(), id.to_owned()), stored(cred, t)));
         }
     }
-    // Built again from key order: inserting in (nearly) key order leaves B-tree nodes
-    // about half full, a map collected from sorted entries fills them (≈ 60 bytes
-    // per resource less at 100k consumers).
-    res.routes = std::mem::take(&mut res.routes).into_iter().collect();
-    res.consumers = std::mem::take(&mut res.consumers).into_iter().collect();
-    res.credentials = std::mem::take(&mut res.credentials).into_iter().collect();
+    let res = Resources {
+        routes: routes.into_iter().collect(),
+        consumers: consumers.into_iter().collect(),
+        credentials: credentials.into_iter().collect(),
+    };
     Ok(res)
 }
 
@@ -84,9 +92,9 @@ pub fn duplicate_key(key: &AuthKey) -> String {
     )
 }
 
-pub fn build(res: &Resources, cx: &BuildContext<'_>) -> Result<Built, String> {
+pub fn build(res: &Effective<'_>, cx: &BuildContext<'_>) -> Result<Built, String> {
     let mut routes = HashMap::new();
-    for (id, r) in &res.routes {
+    for (id, r) in res.routes() {
         let spec = r
             .spec
             .get()
@@ -96,7 +104,7 @@ pub fn build(res: &Resources, cx: &BuildContext<'_>) -> Result<Built, String> {
         routes.insert(id.clone(), Arc::new(route));
     }
     let consumers = Consumers::default();
-    for (name, c) in &res.consumers {
+    for (name, c) in res.consumers() {
         let spec = c
             .spec
             .get()
@@ -115,7 +123,7 @@ pub fn build(res: &Resources, cx: &BuildContext<'_>) -> Result<Built, String> {
             .by_name
             .insert(compiled.consumer.username.clone(), compiled.consumer);
     }
-    for ((user, id), c) in &res.credentials {
+    for ((user, id), c) in res.credentials() {
         let spec = c
             .spec
             .get()
@@ -147,6 +155,10 @@ pub fn validate(config: &FileConfig, file: &str) -> Result<(), LoadError> {
         file: file.to_owned(),
         error,
     })?;
+    let res = Effective {
+        file: &res,
+        admin: &StateFile::default(),
+    };
     build(&res, &BuildContext { shared: &shared }).map_err(|error| LoadError::Resource {
         file: file.to_owned(),
         error,

@@ -149,22 +149,50 @@ pub struct StateFile {
 }
 
 /// The resources in force: the file layer, minus tombstones, plus Admin writes.
-pub fn effective(file: &Resources, admin: &StateFile) -> Resources {
-    let mut res = file.clone();
-    res.routes
-        .retain(|id, _| !admin.deleted.routes.contains(id));
-    res.consumers
-        .retain(|u, _| !admin.deleted.consumers.contains(u));
-    res.credentials.retain(|(u, id), _| {
-        !admin.deleted.credentials.contains(&format!("{u}/{id}"))
-            && !admin.deleted.consumers.contains(u)
-    });
-    res.routes.extend(admin.written.routes.clone());
-    res.consumers.extend(admin.written.consumers.clone());
-    res.credentials.extend(admin.written.credentials.clone());
-    res.credentials
-        .retain(|(u, _), _| res.consumers.contains_key(u));
-    res
+/// Read through both layers rather than copied: a copy of the file layer was ~40 MB
+/// of garbage at 100k consumers, interleaved with the snapshot being built.
+pub struct Effective<'a> {
+    pub file: &'a Resources,
+    pub admin: &'a StateFile,
+}
+
+impl<'a> Effective<'a> {
+    pub fn routes(&self) -> impl Iterator<Item = (&'a String, &'a Stored<RouteSpec>)> + 'a {
+        let deleted = &self.admin.deleted.routes;
+        layered(&self.file.routes, &self.admin.written.routes, move |id| {
+            deleted.contains(id)
+        })
+    }
+
+    pub fn consumers(&self) -> impl Iterator<Item = (&'a String, &'a Stored<ConsumerSpec>)> + 'a {
+        let deleted = &self.admin.deleted.consumers;
+        layered(
+            &self.file.consumers,
+            &self.admin.written.consumers,
+            move |u| deleted.contains(u),
+        )
+    }
+
+    /// Credentials in force whose consumer is in force too.
+    pub fn credentials(
+        &self,
+    ) -> impl Iterator<Item = (&'a CredentialKey, &'a Stored<CredentialSpec>)> + 'a {
+        let (file, admin) = (self.file, self.admin);
+        let deleted = &admin.deleted;
+        layered(
+            &file.credentials,
+            &admin.written.credentials,
+            move |(u, id)| {
+                deleted.consumers.contains(u)
+                    || (!deleted.credentials.is_empty()
+                        && deleted.credentials.contains(&format!("{u}/{id}")))
+            },
+        )
+        .filter(move |((u, _), _)| {
+            admin.written.consumers.contains_key(u)
+                || (file.consumers.contains_key(u) && !deleted.consumers.contains(u))
+        })
+    }
 }
 
 /// What an in-place edit of the Admin layer replaced, to put back if persisting fails.
@@ -222,16 +250,27 @@ impl Undo {
     }
 }
 
-/// File entries not deleted, overlaid with Admin writes, in key order.
-pub fn layered<'a, V>(
-    file: &'a BTreeMap<String, V>,
-    written: &'a BTreeMap<String, V>,
-    deleted: impl Fn(&String) -> bool,
-) -> impl Iterator<Item = (&'a String, &'a V)> {
-    let mut merged: BTreeMap<&'a String, &'a V> =
-        file.iter().filter(|(k, _)| !deleted(k)).collect();
-    merged.extend(written.iter());
-    merged.into_iter()
+/// File entries not deleted, overlaid with Admin writes, in key order: a merge of
+/// the two sorted maps, copying neither.
+pub fn layered<'a, K: Ord, V>(
+    file: &'a BTreeMap<K, V>,
+    written: &'a BTreeMap<K, V>,
+    deleted: impl Fn(&K) -> bool + 'a,
+) -> impl Iterator<Item = (&'a K, &'a V)> + 'a {
+    let mut file = file.iter().filter(move |(k, _)| !deleted(k)).peekable();
+    let mut written = written.iter().peekable();
+    std::iter::from_fn(move || match (file.peek(), written.peek()) {
+        (Some((f, _)), Some((w, _))) => match f.cmp(w) {
+            std::cmp::Ordering::Less => file.next(),
+            std::cmp::Ordering::Greater => written.next(),
+            std::cmp::Ordering::Equal => {
+                file.next();
+                written.next()
+            }
+        },
+        (Some(_), None) => file.next(),
+        (None, _) => written.next(),
+    })
 }
 
 pub fn restamp<T: Serialize + DeserializeOwned>(
