@@ -267,28 +267,28 @@ impl Store {
             .collect(),
             ListKind::Consumers => {
                 layered(&inner.file.consumers, &inner.admin.written.consumers, |k| {
-                    inner.admin.deleted.consumers.contains(k)
+                    inner.admin.deleted.consumers.contains(&**k)
                 })
-                .map(|(k, s)| tag(ResourceId::Consumer(k.clone()), view(s, None)))
+                .map(|(k, s)| tag(ResourceId::Consumer(k.to_string()), view(s, None)))
                 .collect()
             }
             ListKind::Credentials(user) => {
                 if inner.consumer(user).is_none() {
                     return Vec::new();
                 }
-                let range = (user.to_owned(), String::new())..;
+                let range = (Arc::<str>::from(user), Arc::<str>::from(""))..;
                 let from_file = inner
                     .file
                     .credentials
                     .range(range.clone())
-                    .take_while(|((u, _), _)| u == user);
+                    .take_while(|((u, _), _)| &**u == user);
                 let written = inner
                     .admin
                     .written
                     .credentials
                     .range(range)
-                    .take_while(|((u, _), _)| u == user);
-                let mut merged: BTreeMap<&(String, String), &Stored<CredentialSpec>> = from_file
+                    .take_while(|((u, _), _)| &**u == user);
+                let mut merged: BTreeMap<&CredentialKey, &Stored<CredentialSpec>> = from_file
                     .filter(|((u, id), _)| {
                         !inner
                             .admin
@@ -302,7 +302,7 @@ impl Store {
                     .into_iter()
                     .map(|((u, k), s)| {
                         tag(
-                            ResourceId::Credential(u.clone(), k.clone()),
+                            ResourceId::Credential(u.to_string(), k.to_string()),
                             view(s, Some(k)),
                         )
                     })
@@ -377,7 +377,8 @@ impl Store {
                         spec.username, name
                     )));
                 }
-                let compiled = snapshot::compile_consumer(&spec, &cx)?;
+                let compiled =
+                    snapshot::compile_consumer(spec.username.as_str().into(), &spec, &cx)?;
                 for (key, _) in &compiled.inline_credentials {
                     if let Some(other) = inner.consumers.credential(key.0, &key.1)
                         && &*other.username != name.as_str()
@@ -394,7 +395,9 @@ impl Store {
                 value = view(&stored, None).0;
                 let undo = undo.consumer(&inner.admin, name);
                 inner.admin.deleted.consumers.remove(name);
-                inner.admin.written.consumers.insert(name.clone(), stored);
+                // The compiled consumer's own name, so the store shares its allocation.
+                let key = compiled.consumer.username.clone();
+                inner.admin.written.consumers.insert(key, stored);
                 self.commit(&mut inner, index, undo)?;
                 let name = name.clone();
                 Box::new(move |inner| {
@@ -416,9 +419,10 @@ impl Store {
                 }
                 let mut spec: CredentialSpec = parse(body)?;
                 spec.id = Some(cid.clone());
+                let id: Arc<str> = cid.as_str().into();
                 let (key, cred) = snapshot::compile_credential(
                     inner.consumers.shared_name(user),
-                    cid,
+                    id.clone(),
                     &spec,
                     &cx,
                 )?;
@@ -431,7 +435,7 @@ impl Store {
                         duplicate_key(&key)
                     )));
                 }
-                let ck = (user.clone(), cid.clone());
+                let ck = (cred.username.clone(), id);
                 let old = inner.credential(user, cid).cloned();
                 created = old.is_none();
                 let stored = restamp(&spec, old.as_ref(), t, index);
@@ -508,8 +512,8 @@ impl Store {
                             .insert(format!("{}/{}", ck.0, ck.1));
                     }
                 }
-                inner.admin.written.consumers.remove(name);
-                if inner.file.consumers.contains_key(name) {
+                inner.admin.written.consumers.remove(name.as_str());
+                if inner.file.consumers.contains_key(name.as_str()) {
                     inner.admin.deleted.consumers.insert(name.clone());
                 }
                 self.commit(&mut inner, index, undo)?;
@@ -517,7 +521,7 @@ impl Store {
                 inner.consumers.by_name.remove(name.as_str());
             }
             ResourceId::Credential(user, cid) => {
-                let ck = (user.clone(), cid.clone());
+                let ck: CredentialKey = (user.as_str().into(), cid.as_str().into());
                 if inner.credential(user, cid).is_none() {
                     return Err(WriteError::NotFound("Key not found".into()));
                 }
@@ -559,10 +563,10 @@ impl Inner {
     }
 
     /// Every credential id stored for `user` in either layer, tombstoned or not.
-    fn credential_ids(&self, user: &str) -> Vec<(String, String)> {
-        let range = (user.to_owned(), String::new())..;
-        let of_user = |((u, _), _): &(&(String, String), _)| u == user;
-        let mut ids: Vec<(String, String)> = self
+    fn credential_ids(&self, user: &str) -> Vec<CredentialKey> {
+        let range = (Arc::<str>::from(user), Arc::<str>::from(""))..;
+        let of_user = |((u, _), _): &(&CredentialKey, _)| &**u == user;
+        let mut ids: Vec<CredentialKey> = self
             .file
             .credentials
             .range(range.clone())
@@ -583,7 +587,7 @@ impl Inner {
 
     fn credential(&self, user: &str, id: &str) -> Option<&Stored<CredentialSpec>> {
         self.consumer(user)?;
-        let ck = (user.to_owned(), id.to_owned());
+        let ck: CredentialKey = (user.into(), id.into());
         self.admin.written.credentials.get(&ck).or_else(|| {
             (!self
                 .admin

@@ -56,7 +56,10 @@ pub fn file_layer(config: &FileConfig) -> Result<Resources, String> {
                 "at `consumers[{i}].username`: duplicate consumer {name:?}"
             ));
         }
-        consumers.push((name.to_owned(), stored(&entry.consumer, t)));
+        // One allocation of the name for the consumer's key and its credentials' keys
+        // (and, once compiled, for the compiled consumer and credentials).
+        let key: Arc<str> = name.into();
+        consumers.push((key.clone(), stored(&entry.consumer, t)));
         for (j, cred) in entry.credentials.iter().enumerate() {
             let Some(id) = cred.id.as_deref() else {
                 return Err(format!(
@@ -68,7 +71,7 @@ pub fn file_layer(config: &FileConfig) -> Result<Resources, String> {
                     "at `consumers[{i}].credentials[{j}].id`: duplicate credential id {id:?}"
                 ));
             }
-            credentials.push(((name.to_owned(), id.to_owned()), stored(cred, t)));
+            credentials.push(((key.clone(), id.into()), stored(cred, t)));
         }
     }
     let res = Resources {
@@ -109,7 +112,7 @@ pub fn build(res: &Effective<'_>, cx: &BuildContext<'_>) -> Result<Built, String
             .spec
             .get()
             .map_err(|e| format!("at `consumers[username={name}]`: {e}"))?;
-        let compiled = snapshot::compile_consumer(&spec, cx)
+        let compiled = snapshot::compile_consumer(name.clone(), &spec, cx)
             .map_err(|e| format!("at `consumers[username={name}].{}`: {e}", e.path()))?;
         for (key, cred) in compiled.inline_credentials {
             if consumers.insert_credential(key.clone(), cred).is_some() {
@@ -128,13 +131,14 @@ pub fn build(res: &Effective<'_>, cx: &BuildContext<'_>) -> Result<Built, String
             .spec
             .get()
             .map_err(|e| format!("at `consumers[username={user}].credentials[id={id}]`: {e}"))?;
-        let (key, cred) = snapshot::compile_credential(consumers.shared_name(user), id, &spec, cx)
-            .map_err(|e| {
-                format!(
-                    "at `consumers[username={user}].credentials[id={id}].{}`: {e}",
-                    e.path()
-                )
-            })?;
+        let (key, cred) =
+            snapshot::compile_credential(consumers.shared_name(user), id.clone(), &spec, cx)
+                .map_err(|e| {
+                    format!(
+                        "at `consumers[username={user}].credentials[id={id}].{}`: {e}",
+                        e.path()
+                    )
+                })?;
         if consumers.insert_credential(key.clone(), cred).is_some() {
             return Err(format!(
                 "at `consumers[username={user}].credentials[id={id}]`: {}",

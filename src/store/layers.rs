@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::marker::PhantomData;
+use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -93,7 +94,9 @@ pub struct Stored<T> {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Resources {
     pub routes: BTreeMap<String, Stored<RouteSpec>>,
-    pub consumers: BTreeMap<String, Stored<ConsumerSpec>>,
+    /// Keyed by the consumer's name as the compiled consumer and its credentials
+    /// hold it: one allocation for the four places a name is kept.
+    pub consumers: BTreeMap<Arc<str>, Stored<ConsumerSpec>>,
     /// Keyed by (username, credential id).
     #[serde(with = "credential_map")]
     pub credentials: CredentialMap,
@@ -115,14 +118,14 @@ mod credential_map {
                 let (u, id) = k
                     .split_once('/')
                     .ok_or_else(|| serde::de::Error::custom(format!("bad credential key {k:?}")))?;
-                Ok(((u.to_owned(), id.to_owned()), v))
+                Ok(((u.into(), id.into()), v))
             })
             .collect()
     }
 }
 
-/// (username, credential id).
-pub type CredentialKey = (String, String);
+/// (username, credential id), shared with the compiled credential.
+pub type CredentialKey = (Arc<str>, Arc<str>);
 pub type CredentialMap = BTreeMap<CredentialKey, Stored<CredentialSpec>>;
 
 /// Deletions the Admin API made of file-declared resources.
@@ -164,12 +167,12 @@ impl<'a> Effective<'a> {
         })
     }
 
-    pub fn consumers(&self) -> impl Iterator<Item = (&'a String, &'a Stored<ConsumerSpec>)> + 'a {
+    pub fn consumers(&self) -> impl Iterator<Item = (&'a Arc<str>, &'a Stored<ConsumerSpec>)> + 'a {
         let deleted = &self.admin.deleted.consumers;
         layered(
             &self.file.consumers,
             &self.admin.written.consumers,
-            move |u| deleted.contains(u),
+            move |u| deleted.contains(&**u),
         )
     }
 
@@ -183,14 +186,14 @@ impl<'a> Effective<'a> {
             &file.credentials,
             &admin.written.credentials,
             move |(u, id)| {
-                deleted.consumers.contains(u)
+                deleted.consumers.contains(&**u)
                     || (!deleted.credentials.is_empty()
                         && deleted.credentials.contains(&format!("{u}/{id}")))
             },
         )
         .filter(move |((u, _), _)| {
             admin.written.consumers.contains_key(u)
-                || (file.consumers.contains_key(u) && !deleted.consumers.contains(u))
+                || (file.consumers.contains_key(u) && !deleted.consumers.contains(&**u))
         })
     }
 }
@@ -200,7 +203,7 @@ pub struct Undo {
     pub index: u64,
     pub deleted: Tombstones,
     routes: Vec<(String, Option<Stored<RouteSpec>>)>,
-    consumers: Vec<(String, Option<Stored<ConsumerSpec>>)>,
+    consumers: Vec<(Arc<str>, Option<Stored<ConsumerSpec>>)>,
     credentials: Vec<(CredentialKey, Option<Stored<CredentialSpec>>)>,
 }
 
@@ -223,11 +226,11 @@ impl Undo {
 
     pub fn consumer(mut self, admin: &StateFile, name: &str) -> Self {
         self.consumers
-            .push((name.to_owned(), admin.written.consumers.get(name).cloned()));
+            .push((name.into(), admin.written.consumers.get(name).cloned()));
         self
     }
 
-    pub fn credential(mut self, admin: &StateFile, ck: &(String, String)) -> Self {
+    pub fn credential(mut self, admin: &StateFile, ck: &CredentialKey) -> Self {
         self.credentials
             .push((ck.clone(), admin.written.credentials.get(ck).cloned()));
         self
@@ -289,14 +292,11 @@ pub fn restamp<T: Serialize + DeserializeOwned>(
 }
 
 /// The `value` APISIX shows: the spec with its id and times.
-pub fn view<T: Serialize + DeserializeOwned>(
-    s: &Stored<T>,
-    id: Option<&String>,
-) -> (Value, u64, u64) {
+pub fn view<T: Serialize + DeserializeOwned>(s: &Stored<T>, id: Option<&str>) -> (Value, u64, u64) {
     let mut v = s.spec.value();
     if let Value::Object(map) = &mut v {
         if let Some(id) = id {
-            map.insert("id".into(), Value::String(id.clone()));
+            map.insert("id".into(), Value::String(id.to_owned()));
         }
         map.insert("create_time".into(), s.create_time.into());
         map.insert("update_time".into(), s.update_time.into());

@@ -162,7 +162,8 @@ pub(crate) fn build_snapshot(
             .remove("credentials")
             .unwrap_or(json!([]));
         let spec: ConsumerSpec = serde_json::from_value(body).unwrap();
-        let done = snapshot::compile_consumer(&spec, &cx).map_err(|e| e.to_string())?;
+        let done = snapshot::compile_consumer(spec.username.as_str().into(), &spec, &cx)
+            .map_err(|e| e.to_string())?;
         for (key, cred) in done.inline_credentials {
             all.insert_credential(key, cred);
         }

@@ -11,7 +11,7 @@ use super::Change;
 use crate::plugins::BuildContext;
 use crate::resources::{ConsumerSpec, CredentialSpec, RouteSpec};
 use crate::snapshot::{self, Consumers, KeyOwner};
-use crate::store::layers::{Compact, Resources, StateFile, Stored};
+use crate::store::layers::{Compact, CredentialKey, Resources, StateFile, Stored};
 use crate::store::{Inner, ResourceId, WriteError, duplicate_key, parse};
 
 /// A stored `value` split into the spec and its times.
@@ -110,10 +110,10 @@ impl Inner {
         let w = &self.admin.written;
         match id {
             ResourceId::Route(k) => w.routes.get(k).map(|s| s.modified_index),
-            ResourceId::Consumer(k) => w.consumers.get(k).map(|s| s.modified_index),
+            ResourceId::Consumer(k) => w.consumers.get(k.as_str()).map(|s| s.modified_index),
             ResourceId::Credential(u, k) => w
                 .credentials
-                .get(&(u.clone(), k.clone()))
+                .get(&(u.as_str().into(), k.as_str().into()))
                 .map(|s| s.modified_index),
         }
     }
@@ -152,7 +152,8 @@ impl Inner {
                 got.spec.username
             )));
         }
-        let compiled = snapshot::compile_consumer(&got.spec, cx)?;
+        let compiled =
+            snapshot::compile_consumer(got.spec.username.as_str().into(), &got.spec, cx)?;
         let mut keys = Vec::new();
         for (key, cred) in compiled.inline_credentials {
             if let Some(other) = self.consumers.credential(key.0, &key.1)
@@ -166,22 +167,23 @@ impl Inner {
         }
         self.consumers.drop_keys(KeyOwner::Inline(name), &keys);
         let is_new = !self.consumers.by_name.contains_key(name);
+        let key = compiled.consumer.username.clone();
         self.consumers
             .by_name
             .insert(compiled.consumer.username.clone(), compiled.consumer);
         self.admin
             .written
             .consumers
-            .insert(name.to_owned(), got.stored(created, modified));
+            .insert(key, got.stored(created, modified));
         if is_new {
             // Credentials written before their consumer (by hand) start counting now.
             let orphans: Vec<_> = self
                 .admin
                 .written
                 .credentials
-                .range((name.to_owned(), String::new())..)
-                .take_while(|((u, _), _)| u == name)
-                .map(|((u, c), s)| (u.clone(), c.clone(), s.clone()))
+                .range((Arc::<str>::from(name), Arc::<str>::from(""))..)
+                .take_while(|((u, _), _)| &**u == name)
+                .map(|((u, c), s)| (u.to_string(), c.to_string(), s.clone()))
                 .collect();
             for (u, c, s) in orphans {
                 let compiled = s
@@ -208,13 +210,15 @@ impl Inner {
     ) -> Result<(), WriteError> {
         let mut got: Unstamped<CredentialSpec> = unstamp(value)?;
         got.spec.id = Some(cid.to_owned());
-        if self.consumers.by_name.contains_key(user) {
-            self.compile_credential(cx, user, cid, &got.spec)?;
-        }
-        self.admin.written.credentials.insert(
-            (user.to_owned(), cid.to_owned()),
-            got.stored(created, modified),
-        );
+        let key = if self.consumers.by_name.contains_key(user) {
+            self.compile_credential(cx, user, cid, &got.spec)?
+        } else {
+            (user.into(), cid.into())
+        };
+        self.admin
+            .written
+            .credentials
+            .insert(key, got.stored(created, modified));
         Ok(())
     }
 
@@ -224,9 +228,9 @@ impl Inner {
         user: &str,
         cid: &str,
         spec: &CredentialSpec,
-    ) -> Result<(), WriteError> {
-        let (key, cred) =
-            snapshot::compile_credential(self.consumers.shared_name(user), cid, spec, cx)?;
+    ) -> Result<CredentialKey, WriteError> {
+        let ck: CredentialKey = (self.consumers.shared_name(user), cid.into());
+        let (key, cred) = snapshot::compile_credential(ck.0.clone(), ck.1.clone(), spec, cx)?;
         if let Some(other) = self.consumers.credential(key.0, &key.1)
             && !(&*other.username == user && other.credential_id.as_deref() == Some(cid))
         {
@@ -235,7 +239,7 @@ impl Inner {
         self.consumers.insert_credential(key.clone(), cred);
         self.consumers
             .drop_keys(KeyOwner::Credential(user, cid), std::slice::from_ref(&key));
-        Ok(())
+        Ok(ck)
     }
 
     /// Removes a resource from the mirror and the compiled maps; a consumer's
@@ -247,7 +251,7 @@ impl Inner {
                 self.routes.remove(rid).is_some()
             }
             ResourceId::Consumer(name) => {
-                self.admin.written.consumers.remove(name);
+                self.admin.written.consumers.remove(name.as_str());
                 // Its credentials stop authenticating now. Their specs stay mirrored
                 // until etcd deletes them too (the Admin API does so in the same
                 // transaction), exactly as a fresh load would see them.
@@ -256,7 +260,7 @@ impl Inner {
                 false
             }
             ResourceId::Credential(user, cid) => {
-                let ck = (user.clone(), cid.clone());
+                let ck: CredentialKey = (user.as_str().into(), cid.as_str().into());
                 self.admin.written.credentials.remove(&ck);
                 self.consumers
                     .drop_keys(KeyOwner::Credential(user, cid), &[]);

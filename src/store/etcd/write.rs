@@ -55,7 +55,8 @@ impl Store {
                         spec.username, name
                     )));
                 }
-                let compiled = snapshot::compile_consumer(&spec, &cx)?;
+                let compiled =
+                    snapshot::compile_consumer(spec.username.as_str().into(), &spec, &cx)?;
                 let inner = self.inner.lock().await;
                 for (k, _) in &compiled.inline_credentials {
                     if let Some(other) = inner.consumers.credential(k.0, &k.1)
@@ -86,7 +87,7 @@ impl Store {
                 ));
                 let mut spec: CredentialSpec = parse(body)?;
                 spec.id = Some(cid.clone());
-                let (k, _) = snapshot::compile_credential(user.as_str(), cid, &spec, &cx)?;
+                let (k, _) = snapshot::compile_credential(user.as_str(), cid.as_str(), &spec, &cx)?;
                 let inner = self.inner.lock().await;
                 if let Some(other) = inner.consumers.credential(k.0, &k.1)
                     && !(&*other.username == user.as_str()
@@ -158,5 +159,5 @@ fn stamp<T: serde::Serialize + serde::de::DeserializeOwned>(
         created_index: 0,
         modified_index: 0,
     };
-    view(&stored, id).0
+    view(&stored, id.map(String::as_str)).0
 }
