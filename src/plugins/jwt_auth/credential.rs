@@ -54,8 +54,6 @@ fn default_exp() -> i64 {
 /// A verified-ready jwt-auth credential.
 #[derive(Debug)]
 pub struct Credential {
-    /// The algorithm as APISIX spells it; a token's `alg` must equal it exactly.
-    pub algorithm_name: &'static str,
     pub key: VerifyKey,
     /// Seconds of clock skew tolerated on `exp` and `nbf`.
     pub lifetime_grace_period: u64,
@@ -81,6 +79,19 @@ const ALGORITHMS: &[(&str, Option<Algorithm>)] = &[
 ];
 
 impl Credential {
+    /// The algorithm as APISIX spells it; a token's `alg` must equal it exactly.
+    /// Derived from the key rather than stored: 16 bytes on each of 100k credentials.
+    /// Always `Some`: keys are only built for algorithms of the table.
+    pub fn algorithm_name(&self) -> Option<&'static str> {
+        let algorithm = match &self.key {
+            VerifyKey::Hmac { algorithm, .. } | VerifyKey::Jwt { algorithm, .. } => *algorithm,
+            VerifyKey::Es512(_) => return Some("ES512"),
+        };
+        ALGORITHMS
+            .iter()
+            .find_map(|(name, a)| (*a == Some(algorithm)).then_some(*name))
+    }
+
     /// Checks a consumer-side jwt-auth config and decodes its key. Returns the
     /// lookup key (`key`) with the credential.
     pub fn compile(conf: &Value) -> Result<(String, Self), String> {
@@ -119,7 +130,6 @@ impl Credential {
         Ok((
             conf.key,
             Credential {
-                algorithm_name,
                 key,
                 lifetime_grace_period: conf.lifetime_grace_period as u64,
                 exp: conf.exp as u64,

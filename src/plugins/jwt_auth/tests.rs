@@ -723,7 +723,7 @@ fn credential_defaults_and_checks() {
     assert_eq!(
         (
             key.as_str(),
-            c.algorithm_name,
+            c.algorithm_name().unwrap(),
             c.exp,
             c.lifetime_grace_period
         ),

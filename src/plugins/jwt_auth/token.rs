@@ -307,11 +307,11 @@ pub fn verify(
     signature: Signature,
 ) -> Result<(), String> {
     match token.alg() {
-        Some(alg) if alg == cred.algorithm_name => {}
+        Some(alg) if Some(alg) == cred.algorithm_name() => {}
         other => {
             return Err(format!(
                 "algorithm mismatch, expected {}, token has {}",
-                cred.algorithm_name,
+                cred.algorithm_name().unwrap_or("?"),
                 other.map_or_else(|| "no string alg".to_string(), |a| format!("{a:?}"))
             ));
         }
