@@ -49,6 +49,9 @@ pub fn file_layer(config: &FileConfig) -> Result<Resources, String> {
     let mut credentials = Vec::new();
     let mut seen = HashSet::with_capacity(config.consumers.len());
     let mut seen_credentials = HashSet::new();
+    // Credential ids repeat across consumers (each consumer's "jwt", "default", ...):
+    // one allocation per distinct id, shared by every key and compiled credential.
+    let mut ids: HashMap<&str, Arc<str>> = HashMap::new();
     for (i, entry) in config.consumers.iter().enumerate() {
         let name = entry.consumer.username.as_str();
         if !seen.insert(name) {
@@ -71,7 +74,8 @@ pub fn file_layer(config: &FileConfig) -> Result<Resources, String> {
                     "at `consumers[{i}].credentials[{j}].id`: duplicate credential id {id:?}"
                 ));
             }
-            credentials.push(((key.clone(), id.into()), stored(cred, t)));
+            let id = ids.entry(id).or_insert_with(|| id.into()).clone();
+            credentials.push(((key.clone(), id), stored(cred, t)));
         }
     }
     let res = Resources {
