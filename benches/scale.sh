@@ -66,14 +66,15 @@ consumers:
     credentials: [ { id: c, plugins: { jwt-auth: { key: probe, secret: probe-secret-probe-secret } } } ]
 EOF
 if "$PORTCULLIS" validate --config "$WORK/probe.yaml" >/dev/null 2>&1; then
-  # One jwt-auth credential per consumer, so the credential index holds N keys.
+  # One jwt-auth credential per consumer, so the credential index holds N keys. Ids
+  # are distinct, named as APISIX's docs name them (cred-<consumer>-jwt-auth).
   python3 - "$WORK/scale.yaml" "$CONSUMERS" <<'EOF'
 import re, sys
 path, n = sys.argv[1], int(sys.argv[2])
 text = open(path).read()
 text = re.sub(
     r"  - \{ username: user(\d+), (labels: \{[^}]*\}) \}",
-    lambda m: f"  - {{ username: user{m[1]}, {m[2]}, credentials: [ {{ id: c, plugins: {{ jwt-auth: {{ key: key{m[1]}, secret: secret-{m[1]}-0123456789abcdef }} }} }} ] }}",
+    lambda m: f"  - {{ username: user{m[1]}, {m[2]}, credentials: [ {{ id: cred-user{m[1]}-jwt-auth, plugins: {{ jwt-auth: {{ key: key{m[1]}, secret: secret-{m[1]}-0123456789abcdef }} }} }} ] }}",
     text,
 )
 open(path, "w").write(text)
