@@ -335,9 +335,11 @@ impl Store {
         let mut inner = self.inner.lock().await;
         if let Some(expected) = expected {
             let current = match &id {
-                ResourceId::Route(k) => inner.route(k).map(|s| s.modified_index),
-                ResourceId::Consumer(k) => inner.consumer(k).map(|s| s.modified_index),
-                ResourceId::Credential(u, k) => inner.credential(u, k).map(|s| s.modified_index),
+                ResourceId::Route(k) => inner.route(k).map(|s| s.stamp.modified_index),
+                ResourceId::Consumer(k) => inner.consumer(k).map(|s| s.stamp.modified_index),
+                ResourceId::Credential(u, k) => {
+                    inner.credential(u, k).map(|s| s.stamp.modified_index)
+                }
             };
             if current != Some(expected) {
                 return Err(conflict(&id));
@@ -752,6 +754,57 @@ mod tests {
             let cred = consumers.credential("jwt-auth", key).unwrap();
             assert!(Arc::ptr_eq(&cred.username, &name), "{key}");
         }
+    }
+
+    /// A credential's id is its key in the store, kept once: not in the stored spec,
+    /// yet in every answer, in the state file's key, and after a restart.
+    #[tokio::test]
+    async fn a_credential_id_is_stored_once_and_shown_everywhere() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state.yaml");
+        let file = "consumers:\n  - username: alice\n    credentials: [ { id: c1, plugins: { jwt-auth: { key: k1, secret: s1 } } } ]\n";
+        let (runtime, s) = store(file, Some(state.clone()));
+        s.put(
+            ResourceId::Credential("alice".into(), "c2".into()),
+            json!({"id": "c2", "plugins": {"jwt-auth": {"key": "k2", "secret": "s2"}}}),
+        )
+        .await
+        .unwrap();
+        {
+            let inner = s.inner.lock().await;
+            let (ck, stored) = inner.file.credentials.iter().next().unwrap();
+            assert!(!stored.spec.value().as_object().unwrap().contains_key("id"));
+            let cred = runtime.snapshot().consumers.credential("jwt-auth", "k1").unwrap();
+            assert!(Arc::ptr_eq(&ck.1, cred.credential_id.as_ref().unwrap()));
+        }
+        let persisted: serde_yaml::Value =
+            serde_yaml::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
+        let entry = &persisted["credentials"]["alice/c2"];
+        assert!(entry["create_time"].as_i64().unwrap() > 0, "{persisted:?}");
+        assert!(entry["spec"].get("id").is_none(), "{persisted:?}");
+        assert_eq!(entry["spec"]["plugins"]["jwt-auth"]["key"], "k2");
+
+        let (_rt, s2) = store(file, Some(state));
+        for id in ["c1", "c2"] {
+            let rid = ResourceId::Credential("alice".into(), id.into());
+            assert_eq!(s2.get(&rid).await.unwrap().0["id"], id);
+        }
+        let listed = s2.list(ListKind::Credentials("alice".into())).await;
+        let ids: Vec<_> = listed.iter().map(|(_, v, ..)| v["id"].clone()).collect();
+        assert_eq!(ids, [json!("c1"), json!("c2")]);
+    }
+
+    /// Every resource of a config file has the same times and indexes: one stamp.
+    #[tokio::test]
+    async fn file_resources_share_one_stamp() {
+        let (_rt, s) = store(FILE, None);
+        let inner = s.inner.lock().await;
+        let stamps: Vec<_> = (inner.file.routes.values().map(|r| &r.stamp))
+            .chain(inner.file.consumers.values().map(|c| &c.stamp))
+            .collect();
+        assert_eq!(stamps.len(), 3);
+        assert!(stamps.iter().all(|s| Arc::ptr_eq(s, stamps[0])));
+        assert_eq!((stamps[0].created_index, stamps[0].modified_index), (0, 0));
     }
 
     /// Without a second map of keys, the index itself says which keys a write

@@ -4,7 +4,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use super::LoadError;
-use super::layers::{Compact, Effective, Resources, StateFile, Stored};
+use super::layers::{Compact, Effective, Resources, Stamp, StateFile, Stored};
 use crate::config::FileConfig;
 use crate::plugins::BuildContext;
 use crate::snapshot::{self, AuthKey, Consumers, Route};
@@ -18,13 +18,17 @@ pub fn now() -> i64 {
 
 pub fn file_layer(config: &FileConfig) -> Result<Resources, String> {
     let t = now();
-    fn stored<T: serde::Serialize + serde::de::DeserializeOwned>(spec: &T, t: i64) -> Stored<T> {
+    // One stamp for the whole file: every resource in it was loaded at `t`.
+    let stamp = Arc::new(Stamp {
+        create_time: t,
+        update_time: t,
+        created_index: 0,
+        modified_index: 0,
+    });
+    fn stored<T>(spec: Compact<T>, stamp: &Arc<Stamp>) -> Stored<T> {
         Stored {
-            spec: Compact::new(spec),
-            create_time: t,
-            update_time: t,
-            created_index: 0,
-            modified_index: 0,
+            spec,
+            stamp: stamp.clone(),
         }
     }
     // Entries are gathered in file order, checked for duplicates by borrowed name, and
@@ -43,7 +47,7 @@ pub fn file_layer(config: &FileConfig) -> Result<Resources, String> {
         if !seen.insert(id) {
             return Err(format!("at `routes[{i}].id`: duplicate route id {id:?}"));
         }
-        routes.push((id.to_owned(), stored(route, t)));
+        routes.push((id.to_owned(), stored(Compact::new(route), &stamp)));
     }
     let mut consumers = Vec::with_capacity(config.consumers.len());
     let mut credentials = Vec::new();
@@ -62,7 +66,7 @@ pub fn file_layer(config: &FileConfig) -> Result<Resources, String> {
         // One allocation of the name for the consumer's key and its credentials' keys
         // (and, once compiled, for the compiled consumer and credentials).
         let key: Arc<str> = name.into();
-        consumers.push((key.clone(), stored(&entry.consumer, t)));
+        consumers.push((key.clone(), stored(Compact::new(&entry.consumer), &stamp)));
         for (j, cred) in entry.credentials.iter().enumerate() {
             let Some(id) = cred.id.as_deref() else {
                 return Err(format!(
@@ -75,7 +79,7 @@ pub fn file_layer(config: &FileConfig) -> Result<Resources, String> {
                 ));
             }
             let id = ids.entry(id).or_insert_with(|| id.into()).clone();
-            credentials.push(((key.clone(), id), stored(cred, t)));
+            credentials.push(((key.clone(), id), stored(Compact::new(cred), &stamp)));
         }
     }
     let res = Resources {

@@ -85,10 +85,30 @@ impl<'de, T: Serialize + DeserializeOwned> Deserialize<'de> for Compact<T> {
 ))]
 pub struct Stored<T> {
     pub spec: Compact<T>,
+    /// Behind an `Arc` because every resource of a config file has the same one (the
+    /// load time, index 0): one shared allocation instead of 32 bytes in each of the
+    /// B-tree slots, 4.6 MiB at 100k consumers with a credential each. The state
+    /// file still holds the four fields beside `spec`.
+    #[serde(flatten)]
+    pub stamp: Arc<Stamp>,
+}
+
+/// APISIX's times and etcd-style indexes of a stored resource.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stamp {
     pub create_time: i64,
     pub update_time: i64,
     pub created_index: u64,
     pub modified_index: u64,
+}
+
+impl<T> Stored<T> {
+    pub fn new(spec: Compact<T>, stamp: Stamp) -> Self {
+        Stored {
+            spec,
+            stamp: Arc::new(stamp),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -282,13 +302,15 @@ pub fn restamp<T: Serialize + DeserializeOwned>(
     t: i64,
     index: u64,
 ) -> Stored<T> {
-    Stored {
-        spec: Compact::new(spec),
-        create_time: old.map_or(t, |o| o.create_time),
-        update_time: t,
-        created_index: old.map_or(index, |o| o.created_index),
-        modified_index: index,
-    }
+    Stored::new(
+        Compact::new(spec),
+        Stamp {
+            create_time: old.map_or(t, |o| o.stamp.create_time),
+            update_time: t,
+            created_index: old.map_or(index, |o| o.stamp.created_index),
+            modified_index: index,
+        },
+    )
 }
 
 /// The `value` APISIX shows: the spec with its id and times.
@@ -298,8 +320,8 @@ pub fn view<T: Serialize + DeserializeOwned>(s: &Stored<T>, id: Option<&str>) ->
         if let Some(id) = id {
             map.insert("id".into(), Value::String(id.to_owned()));
         }
-        map.insert("create_time".into(), s.create_time.into());
-        map.insert("update_time".into(), s.update_time.into());
+        map.insert("create_time".into(), s.stamp.create_time.into());
+        map.insert("update_time".into(), s.stamp.update_time.into());
     }
-    (v, s.created_index, s.modified_index)
+    (v, s.stamp.created_index, s.stamp.modified_index)
 }

@@ -9,7 +9,7 @@ use super::Etcd;
 use crate::plugins::BuildContext;
 use crate::resources::{ConsumerSpec, CredentialSpec, RouteSpec};
 use crate::snapshot;
-use crate::store::layers::{Compact, Stored, view};
+use crate::store::layers::{Compact, Stamp, Stored, view};
 use crate::store::{ResourceId, Store, WriteError, conflict, duplicate_key, now, parse};
 
 impl Store {
@@ -152,12 +152,14 @@ fn stamp<T: serde::Serialize + serde::de::DeserializeOwned>(
     create_time: Option<i64>,
     t: i64,
 ) -> Value {
-    let stored = Stored {
-        spec: Compact::new(spec),
-        create_time: create_time.unwrap_or(t),
-        update_time: t,
-        created_index: 0,
-        modified_index: 0,
-    };
+    let stored = Stored::new(
+        Compact::new(spec),
+        Stamp {
+            create_time: create_time.unwrap_or(t),
+            update_time: t,
+            created_index: 0,
+            modified_index: 0,
+        },
+    );
     view(&stored, id.map(String::as_str)).0
 }
