@@ -5,12 +5,15 @@
 //! published. glibc's allocator keeps those pages mapped, so with 100k consumers the
 //! process stayed at 1.1 GiB RSS for 0.5 GiB of live data (docs/benchmarks.md).
 //! `malloc_trim` walks the arenas and returns every free page. It is called only
-//! after whole-file loads, which are rare, never on the request path.
+//! after whole-file loads and after a new router is published (Admin and etcd
+//! writes to routes), which are rare, never on the request path.
 //!
 //! Trimming returns only whole free pages. Parsing a config on the thread that then
 //! builds the store interleaves the parser's garbage with the store's long-lived
 //! allocations, leaving pages partly used (16 MiB of them at 100k consumers), so a
 //! whole-file parse runs on a thread of its own: [`in_own_arena`].
+
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Returns free heap pages to the OS (glibc); a no-op with other allocators.
 pub fn release_free_memory() {
@@ -21,6 +24,29 @@ pub fn release_free_memory() {
     unsafe {
         libc::malloc_trim(0);
     }
+}
+
+/// [`release_free_memory`] on a blocking thread, after a write replaced a large
+/// structure (the router of 10k routes is ~2.5 MiB): freed after the new one was
+/// allocated, the old one leaves holes that 10 route writes grew into +9 MiB of RSS
+/// (docs/benchmarks.md). Writes in a burst share one pending trim. Not used for the
+/// first load, which trims once, after everything is built (`server::serve`).
+pub fn release_free_memory_soon() {
+    static PENDING: AtomicBool = AtomicBool::new(false);
+    if PENDING.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        PENDING.store(false, Ordering::Release);
+        return;
+    };
+    runtime.spawn_blocking(|| {
+        // Cleared first: a publish while this trim runs schedules the next one.
+        PENDING.store(false, Ordering::Release);
+        let started = std::time::Instant::now();
+        release_free_memory();
+        tracing::debug!(elapsed = ?started.elapsed(), "returned free heap pages");
+    });
 }
 
 /// Runs `f` on a thread of its own and returns its result (a panic in `f` is resumed

@@ -460,6 +460,7 @@ impl Store {
         apply(&mut inner);
         if matches!(id, ResourceId::Route(_)) {
             self.publish_routes(&inner);
+            crate::memory::release_free_memory_soon();
         }
         Ok((created, value))
     }
@@ -496,6 +497,7 @@ impl Store {
                 self.commit(&mut inner, index, undo)?;
                 inner.routes.remove(rid);
                 self.publish_routes(&inner);
+                crate::memory::release_free_memory_soon();
             }
             ResourceId::Consumer(name) => {
                 if inner.consumer(name).is_none() {

@@ -278,6 +278,7 @@ impl Store {
         *inner = fresh;
         self.publish_routes(&inner);
         drop(inner);
+        crate::memory::release_free_memory_soon();
         self.applied.send_replace(revision);
     }
 
@@ -296,6 +297,9 @@ impl Store {
             self.publish_routes(&inner);
         }
         drop(inner);
+        if routes_changed {
+            crate::memory::release_free_memory_soon();
+        }
         self.applied.send_if_modified(|r| {
             let newer = revision > *r;
             *r = (*r).max(revision);
