@@ -776,7 +776,11 @@ mod tests {
             let inner = s.inner.lock().await;
             let (ck, stored) = inner.file.credentials.iter().next().unwrap();
             assert!(!stored.spec.value().as_object().unwrap().contains_key("id"));
-            let cred = runtime.snapshot().consumers.credential("jwt-auth", "k1").unwrap();
+            let cred = runtime
+                .snapshot()
+                .consumers
+                .credential("jwt-auth", "k1")
+                .unwrap();
             assert!(Arc::ptr_eq(&ck.1, cred.credential_id.as_ref().unwrap()));
         }
         let persisted: serde_yaml::Value =
@@ -791,7 +795,7 @@ mod tests {
             let rid = ResourceId::Credential("alice".into(), id.into());
             assert_eq!(s2.get(&rid).await.unwrap().0["id"], id);
         }
-        let listed = s2.list(ListKind::Credentials("alice".into())).await;
+        let listed = s2.list(ListKind::Credentials("alice")).await;
         let ids: Vec<_> = listed.iter().map(|(_, v, ..)| v["id"].clone()).collect();
         assert_eq!(ids, [json!("c1"), json!("c2")]);
     }
