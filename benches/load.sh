@@ -10,7 +10,9 @@
 # body; also the JWKS/discovery documents and the forward-auth service), portcullis
 # (release build unless --portcullis is given), and Envoy 1.40 running the shipped
 # envoy/envoy.yaml as three listeners that differ only in their auth filter: none, Envoy's native jwt_authn (HS256, inline local JWKS), and ext_authz
-# calling portcullis. wrk drives the listeners; h2load drives portcullis's gRPC Check
+# calling portcullis; and, for the session-cookie row, the tests' real OpenID Provider
+# (node tests/oidc/provider.mjs after `npm ci --prefix tests/oidc`; skipped without it).
+# wrk drives the listeners; h2load drives portcullis's gRPC Check
 # directly (content-type application/grpc, te: trailers, a length-prefixed
 # CheckRequest). Rows run interleaved (row 1..k, then again) and the table quotes the
 # median of --runs runs for req/s, p50, p99 and the CPU time per request that Envoy,
@@ -30,7 +32,7 @@ PORTCULLIS=""
 KEEP=0
 SMOKE=0
 
-usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --runs) RUNS=$2; shift 2 ;;
@@ -141,6 +143,25 @@ EOF
 PIDS+=($!)
 NGINX_PID=$!
 
+# --- OpenID Provider for the session-cookie row: the tests' real oidc-provider ------
+# (node tests/oidc/provider.mjs; `npm ci --prefix tests/oidc` installs it). Without it
+# that row is skipped with a note, like a plugin this build lacks.
+OP_ISSUER=""
+SESSION_CALLBACK="http://127.0.0.1:$AUTHZ_PORT/oidc-session/callback"
+if command -v node >/dev/null && [ -d "$ROOT/tests/oidc/node_modules/oidc-provider" ]; then
+  node "$ROOT/tests/oidc/provider.mjs" \
+    "{\"clients\":[{\"client_id\":\"bench-rp\",\"client_secret\":\"bench-rp-secret\",\"redirect_uris\":[\"$SESSION_CALLBACK\"]}]}" \
+    >"$WORK/op.out" 2>"$WORK/op.log" &
+  PIDS+=($!)
+  for _ in $(seq 1 600); do
+    OP_ISSUER=$(sed -n 's/.*"issuer":"\([^"]*\)".*/\1/p' "$WORK/op.out")
+    [ -n "$OP_ISSUER" ] && break
+    sleep 0.1
+  done
+  [ -n "$OP_ISSUER" ] || { echo "the OpenID Provider did not start; logs in $WORK" >&2; KEEP=1; exit 1; }
+fi
+SESSION_SECRET=$(openssl rand -hex 24)
+
 # --- portcullis: one route per row; plugin routes only if this build has them ---
 route_yaml() { # row id → route (and consumer) YAML lines, empty if none
   case "$1" in
@@ -168,6 +189,19 @@ EOF
         client_secret: bench-secret
         discovery: $ISSUER/.well-known/openid-configuration
         bearer_only: true
+EOF
+    ;;
+    oidc-session) [ -n "$OP_ISSUER" ] && cat <<EOF
+  - id: oidc-session
+    uri: "/oidc-session/*"
+    plugins:
+      openid-connect:
+        client_id: bench-rp
+        client_secret: bench-rp-secret
+        discovery: $OP_ISSUER/.well-known/openid-configuration
+        redirect_uri: $SESSION_CALLBACK
+        scope: openid
+        session: { secret: $SESSION_SECRET }
 EOF
     ;;
     fwd) cat <<EOF
@@ -217,7 +251,7 @@ state_file: $WORK/state.yaml
 EOF
 }
 NEEDS_CONSUMERS="jwt-hs jwt-rs"
-PC_ROWS=(noplugin jwt-hs jwt-rs oidc oidc-intro fwd fwd-cache)
+PC_ROWS=(noplugin jwt-hs jwt-rs oidc oidc-intro oidc-session fwd fwd-cache)
 declare -A SKIP=()
 ENABLED=()
 for r in "${PC_ROWS[@]}"; do
@@ -227,7 +261,9 @@ for r in "${PC_ROWS[@]}"; do
     route_yaml "$r"
     case " $NEEDS_CONSUMERS " in *" $r "*) consumers_yaml ;; esac
   } >"$WORK/probe-$r.yaml"
-  if out=$("$PORTCULLIS" validate --config "$WORK/probe-$r.yaml" 2>&1); then
+  if [ "$r" = oidc-session ] && [ -z "$OP_ISSUER" ]; then
+    SKIP[$r]="needs node and the test OpenID Provider (npm ci --prefix tests/oidc)"
+  elif out=$("$PORTCULLIS" validate --config "$WORK/probe-$r.yaml" 2>&1); then
     ENABLED+=("$r")
   else
     SKIP[$r]=$(printf '%s' "$out" | tr '\n' ' ' | sed 's/.*err: //' | cut -c1-120)
@@ -258,19 +294,32 @@ wait_http "http://127.0.0.1:$HTTP_PORT/readyz" portcullis
 wait_http "http://127.0.0.1:$ENVOY_ADMIN/ready" Envoy
 
 # --- rows ----------------------------------------------------------------------
+# One real login at the OP through Envoy; every request of the session row then
+# carries the session cookie it set (decrypted and checked by portcullis each time).
+SESSION_COOKIE=""
+case " ${ENABLED[*]} " in
+  *" oidc-session "*)
+    SESSION_COOKIE=$(python3 "$ROOT/benches/oidc_login.py" \
+      "http://127.0.0.1:$AUTHZ_PORT/oidc-session/item" "$OP_ISSUER" bench) ||
+      { echo "the login for the session row failed; logs in $WORK" >&2; KEEP=1; exit 1; }
+    ;;
+esac
+
 # id | tool | target | header | baseline | label
 ROWS=()
 add() { ROWS+=("$1|$2|$3|$4|$5|$6"); }
 label_of() {
   case "$1" in
     noplugin) echo "no-plugin route" ;; jwt-hs) echo "jwt-auth HS256" ;; jwt-rs) echo "jwt-auth RS256" ;;
-    oidc) echo "openid-connect bearer (JWKS)" ;; oidc-intro) echo "openid-connect bearer (introspection cache)" ;; fwd) echo "forward-auth" ;; fwd-cache) echo "forward-auth + decision cache" ;;
+    oidc) echo "openid-connect bearer (JWKS)" ;; oidc-intro) echo "openid-connect bearer (introspection cache)" ;;
+    oidc-session) echo "openid-connect session cookie" ;; fwd) echo "forward-auth" ;; fwd-cache) echo "forward-auth + decision cache" ;;
   esac
 }
 auth_of() {
   case "$1" in
     jwt-hs) echo "authorization: Bearer $HS_TOKEN" ;; jwt-rs|oidc) echo "authorization: Bearer $RS_TOKEN" ;;
-    fwd|fwd-cache|oidc-intro) echo "authorization: Bearer opaque-bench-token" ;; *) echo "" ;;
+    fwd|fwd-cache|oidc-intro) echo "authorization: Bearer opaque-bench-token" ;;
+    oidc-session) echo "cookie: $SESSION_COOKIE" ;; *) echo "" ;;
   esac
 }
 path_of() { case "$1" in noplugin) echo /open/item ;; *) echo "/$1/item" ;; esac; }
@@ -434,6 +483,7 @@ checks = [
     ("Envoy + portcullis jwt-auth HS256 / Envoy jwt_authn HS256", "pc-jwt-hs", "jwtn", 0.75),
     ("Envoy + portcullis openid-connect JWKS / no-plugin", "pc-oidc", "pc-noplugin", 0.85),
     ("Envoy + portcullis openid-connect introspection cache / no-plugin", "pc-oidc-intro", "pc-noplugin", 0.85),
+    ("Envoy + portcullis openid-connect session cookie / no-plugin", "pc-oidc-session", "pc-noplugin", 0.85),
     ("Envoy + portcullis jwt-auth HS256 / no-plugin with the same token", "pc-jwt-hs", "pc-noplugin-hdr", None),
     ("Envoy + portcullis no-plugin / Envoy, no auth", "pc-noplugin", "envoy", None),
     ("Envoy jwt_authn / Envoy, no auth", "jwtn", "envoy", None),

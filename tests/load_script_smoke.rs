@@ -86,6 +86,7 @@ fn load_script_smoke_pass_produces_every_row() {
         "jwt-auth RS256",
         "openid-connect bearer (JWKS)",
         "openid-connect bearer (introspection cache)",
+        "openid-connect session cookie",
         "forward-auth",
     ] {
         assert!(
