@@ -450,6 +450,33 @@ async fn a_forged_or_replayed_callback_never_logs_anyone_in() {
     assert!(thief.cookie(&rig.app, "session").is_none());
 }
 
+/// `required_scopes` holds for sessions too: the scopes the OP granted at login decide,
+/// on every request (the session path decodes them only when a route requires some).
+#[tokio::test]
+async fn required_scopes_are_checked_against_the_session() {
+    for (required, status) in [("email", 200), ("admin", 403)] {
+        let rig = Rig::start(
+            ProviderSettings::default(),
+            json!({ "required_scopes": [required] }),
+        )
+        .await;
+        let b = browser();
+        let callback = rig.to_callback(&b, "/app", "alice").await;
+        let r = rig.get(&b, &callback).await;
+        assert_eq!(r.status, 302, "{r:?}\n{}", rig.logs());
+        let r = rig.get(&b, "/app").await;
+        assert_eq!(r.status, status, "{required}: {r:?}\n{}", rig.logs());
+        assert_eq!(r.reached_upstream(), status == 200, "{required}");
+        if status == 403 {
+            assert!(
+                r.body.contains("required scopes admin not present"),
+                "{}",
+                r.body
+            );
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_tampered_session_cookie_is_no_session() {
     let rig = Rig::start(ProviderSettings::default(), json!({})).await;

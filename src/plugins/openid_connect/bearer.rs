@@ -94,13 +94,15 @@ pub async fn verify_jwt(
             header.alg
         ));
     }
-    let mut validation = Validation::new(header.alg);
-    validation.leeway = 0;
-    validation.validate_nbf = true;
-    validation.validate_aud = false;
-    validation.required_spec_claims = ["exp".to_owned(), "iss".to_owned()].into();
-    validation.set_issuer(issuers);
+    // Built only when a signature is verified: a token the key set verified before
+    // (the common case, see below) never needs it, and it is four allocations.
     let decode = |key: &DecodingKey| {
+        let mut validation = Validation::new(header.alg);
+        validation.leeway = 0;
+        validation.validate_nbf = true;
+        validation.validate_aud = false;
+        validation.required_spec_claims = ["exp".to_owned(), "iss".to_owned()].into();
+        validation.set_issuer(issuers);
         jsonwebtoken::decode::<Value>(token, key, &validation).map(|d| d.claims)
     };
     let mut cached_after = None;
