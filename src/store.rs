@@ -14,7 +14,7 @@
 //! mirror of the etcd prefix, kept by a watch, and a write is a revision-checked
 //! etcd transaction whose result reaches this replica through the same watch as
 //! every other replica's writes.
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -34,7 +34,7 @@ mod layers;
 pub use build::validate;
 use build::{Built, build, duplicate_key, file_layer, now};
 pub use layers::{CredentialKey, CredentialMap, Resources, StateFile, Stored, Tombstones};
-use layers::{Effective, Undo, layered, restamp, view};
+use layers::{Effective, Undo, layered, overlay, restamp, view};
 
 /// Which resource a write addresses.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -288,25 +288,18 @@ impl Store {
                     .credentials
                     .range(range)
                     .take_while(|((u, _), _)| &**u == user);
-                let mut merged: BTreeMap<&CredentialKey, &Stored<CredentialSpec>> = from_file
-                    .filter(|((u, id), _)| {
-                        !inner
-                            .admin
-                            .deleted
-                            .credentials
-                            .contains(&format!("{u}/{id}"))
-                    })
-                    .collect();
-                merged.extend(written);
-                merged
-                    .into_iter()
-                    .map(|((u, k), s)| {
-                        tag(
-                            ResourceId::Credential(u.to_string(), k.to_string()),
-                            view(s, Some(k)),
-                        )
-                    })
-                    .collect()
+                let deleted = &inner.admin.deleted;
+                overlay(
+                    from_file.filter(|((u, id), _)| !deleted.has_credential(u, id)),
+                    written,
+                )
+                .map(|((u, k), s)| {
+                    tag(
+                        ResourceId::Credential(u.to_string(), k.to_string()),
+                        view(s, Some(k)),
+                    )
+                })
+                .collect()
             }
         }
     }
@@ -593,13 +586,9 @@ impl Inner {
         self.consumer(user)?;
         let ck: CredentialKey = (user.into(), id.into());
         self.admin.written.credentials.get(&ck).or_else(|| {
-            (!self
-                .admin
-                .deleted
-                .credentials
-                .contains(&format!("{user}/{id}")))
-            .then(|| self.file.credentials.get(&ck))
-            .flatten()
+            (!self.admin.deleted.has_credential(user, id))
+                .then(|| self.file.credentials.get(&ck))
+                .flatten()
         })
     }
 }

@@ -160,6 +160,14 @@ pub struct Tombstones {
     pub credentials: BTreeSet<String>,
 }
 
+impl Tombstones {
+    /// Whether the Admin API deleted this file-declared credential. Most stores have
+    /// no such tombstone: then no key is formatted (a rebuild asks for every credential).
+    pub fn has_credential(&self, user: &str, id: &str) -> bool {
+        !self.credentials.is_empty() && self.credentials.contains(&format!("{user}/{id}"))
+    }
+}
+
 /// The state file: the Admin API layer. JSON, which is also valid YAML.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct StateFile {
@@ -205,11 +213,7 @@ impl<'a> Effective<'a> {
         layered(
             &file.credentials,
             &admin.written.credentials,
-            move |(u, id)| {
-                deleted.consumers.contains(&**u)
-                    || (!deleted.credentials.is_empty()
-                        && deleted.credentials.contains(&format!("{u}/{id}")))
-            },
+            move |(u, id)| deleted.consumers.contains(&**u) || deleted.has_credential(u, id),
         )
         .filter(move |((u, _), _)| {
             admin.written.consumers.contains_key(u)
@@ -280,8 +284,21 @@ pub fn layered<'a, K: Ord, V>(
     written: &'a BTreeMap<K, V>,
     deleted: impl Fn(&K) -> bool + 'a,
 ) -> impl Iterator<Item = (&'a K, &'a V)> + 'a {
-    let mut file = file.iter().filter(move |(k, _)| !deleted(k)).peekable();
-    let mut written = written.iter().peekable();
+    overlay(
+        file.iter().filter(move |(k, _)| !deleted(k)),
+        written.iter(),
+    )
+}
+
+/// Two runs of entries sorted by key, merged in key order; on equal keys the
+/// `written` entry replaces the `file` one. [`layered`] over whole maps, or over
+/// ranges of them (one consumer's credentials).
+pub fn overlay<'a, K: Ord + 'a, V: 'a>(
+    file: impl Iterator<Item = (&'a K, &'a V)> + 'a,
+    written: impl Iterator<Item = (&'a K, &'a V)> + 'a,
+) -> impl Iterator<Item = (&'a K, &'a V)> + 'a {
+    let mut file = file.peekable();
+    let mut written = written.peekable();
     std::iter::from_fn(move || match (file.peek(), written.peek()) {
         (Some((f, _)), Some((w, _))) => match f.cmp(w) {
             std::cmp::Ordering::Less => file.next(),
