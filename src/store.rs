@@ -180,6 +180,14 @@ impl Store {
         self.publish_routes(inner);
     }
 
+    /// [`Self::publish_routes`] after a write: the old router is freed once the new
+    /// one is out, and its pages go back to the OS (`memory::release_free_memory_soon`).
+    /// Whole-file loads trim once at their end instead.
+    fn republish_routes(&self, inner: &Inner) {
+        self.publish_routes(inner);
+        crate::memory::release_free_memory_soon();
+    }
+
     fn publish_routes(&self, inner: &Inner) {
         let router = crate::router::Router::new(inner.routes.values().cloned());
         self.runtime.publish(Snapshot {
@@ -452,8 +460,7 @@ impl Store {
         };
         apply(&mut inner);
         if matches!(id, ResourceId::Route(_)) {
-            self.publish_routes(&inner);
-            crate::memory::release_free_memory_soon();
+            self.republish_routes(&inner);
         }
         Ok((created, value))
     }
@@ -489,8 +496,7 @@ impl Store {
                 }
                 self.commit(&mut inner, index, undo)?;
                 inner.routes.remove(rid);
-                self.publish_routes(&inner);
-                crate::memory::release_free_memory_soon();
+                self.republish_routes(&inner);
             }
             ResourceId::Consumer(name) => {
                 if inner.consumer(name).is_none() {

@@ -276,9 +276,8 @@ impl Store {
         }
         fresh.admin.index = revision;
         *inner = fresh;
-        self.publish_routes(&inner);
+        self.republish_routes(&inner);
         drop(inner);
-        crate::memory::release_free_memory_soon();
         self.applied.send_replace(revision);
     }
 
@@ -294,12 +293,9 @@ impl Store {
         }
         inner.admin.index = inner.admin.index.max(revision);
         if routes_changed {
-            self.publish_routes(&inner);
+            self.republish_routes(&inner);
         }
         drop(inner);
-        if routes_changed {
-            crate::memory::release_free_memory_soon();
-        }
         self.applied.send_if_modified(|r| {
             let newer = revision > *r;
             *r = (*r).max(revision);
