@@ -163,34 +163,26 @@ fi
 SESSION_SECRET=$(openssl rand -hex 24)
 
 # --- portcullis: one route per row; plugin routes only if this build has them ---
+bearer_route() { # id [extra openid-connect setting] → a bearer_only route at /ID/*
+  cat <<EOF
+  - id: $1
+    uri: "/$1/*"
+    plugins:
+      openid-connect:
+        client_id: bench
+        client_secret: bench-secret
+        discovery: $ISSUER/.well-known/openid-configuration
+        bearer_only: true
+EOF
+  if [ -n "${2:-}" ]; then echo "        $2"; fi
+}
 route_yaml() { # row id → route (and consumer) YAML lines, empty if none
   case "$1" in
     noplugin) echo '  - { id: open, uri: "/open/*" }' ;;
     jwt-hs) echo '  - { id: jwt-hs, uri: "/jwt-hs/*", plugins: { jwt-auth: {} } }' ;;
     jwt-rs) echo '  - { id: jwt-rs, uri: "/jwt-rs/*", plugins: { jwt-auth: {} } }' ;;
-    oidc) cat <<EOF
-  - id: oidc
-    uri: "/oidc/*"
-    plugins:
-      openid-connect:
-        client_id: bench
-        client_secret: bench-secret
-        discovery: $ISSUER/.well-known/openid-configuration
-        bearer_only: true
-        use_jwks: true
-EOF
-    ;;
-    oidc-intro) cat <<EOF
-  - id: oidc-intro
-    uri: "/oidc-intro/*"
-    plugins:
-      openid-connect:
-        client_id: bench
-        client_secret: bench-secret
-        discovery: $ISSUER/.well-known/openid-configuration
-        bearer_only: true
-EOF
-    ;;
+    oidc) bearer_route oidc "use_jwks: true" ;; # JWTs verified with the JWKS
+    oidc-intro) bearer_route oidc-intro ;;       # opaque tokens, RFC 7662 introspection
     oidc-session) [ -n "$OP_ISSUER" ] && cat <<EOF
   - id: oidc-session
     uri: "/oidc-session/*"
