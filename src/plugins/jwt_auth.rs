@@ -8,7 +8,7 @@
 //! with `anonymous_consumer`, continues as that consumer. Detailed reasons go to the
 //! log only.
 mod credential;
-mod token;
+pub(crate) mod token;
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -16,7 +16,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::verified::{self, VerifiedTokens};
+use super::verified::VerifiedTokens;
 use super::{BuildContext, ConsumerAuth, Ctx, Outcome};
 use crate::decision::{Deny, is_safe_header_name};
 use crate::snapshot::{self, Consumer};
@@ -225,16 +225,17 @@ impl Plugin {
             ));
         };
         let ConsumerAuth::JwtAuth(cred) = &found.auth;
-        let cacheable = cred.key.is_asymmetric().then(|| verified::digest(&raw));
-        let signature = match &cacheable {
-            Some(d) if self.verified.contains(d, &found) => Signature::AlreadyVerified,
-            _ => Signature::Unchecked,
+        let cacheable = cred.key.is_asymmetric();
+        let signature = if cacheable && self.verified.contains(&raw, &found) {
+            Signature::AlreadyVerified
+        } else {
+            Signature::Unchecked
         };
         token::verify(&token, cred, &self.claims, now, signature).map_err(|e| {
             Failure::new("failed to verify jwt", format!("failed to verify jwt: {e}"))
         })?;
-        if let (Some(d), Signature::Unchecked) = (cacheable, signature) {
-            self.verified.insert(d, &found);
+        if cacheable && matches!(signature, Signature::Unchecked) {
+            self.verified.insert(&raw, &found);
         }
         let Some(consumer) = cx.snapshot.consumers.get(&found.username) else {
             return Err(Failure::new(

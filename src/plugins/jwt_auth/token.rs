@@ -142,6 +142,28 @@ impl<'a> Token<'a> {
     }
 }
 
+/// The members `names` of a token segment's JSON object (base64url), every other
+/// member parsed but not kept: what the openid-connect bearer path reads of a header.
+pub(crate) fn segment_members<const N: usize>(
+    segment: &str,
+    names: [&str; N],
+) -> Result<[Option<Value>; N], String> {
+    decode_segment(segment, |json| {
+        Ok(parse_object(json, Picker { names, keep: false })?.picked)
+    })
+}
+
+/// A token segment's whole JSON object (base64url).
+pub(crate) fn segment_object(segment: &str) -> Result<Map<String, Value>, String> {
+    decode_segment(segment, |json| {
+        let seed = Picker {
+            names: [""],
+            keep: true,
+        };
+        Ok(parse_object(json, seed)?.all.unwrap_or_default())
+    })
+}
+
 /// Decodes a base64url segment and hands the bytes to `f`.
 fn decode_segment<T>(
     segment: &str,

@@ -9,8 +9,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -86,8 +84,7 @@ pub async fn verify_jwt(
     if token.split('.').count() != 3 {
         return Err("invalid jwt: not a JWS compact serialization".into());
     }
-    check_raw_header(token)?;
-    let header = jsonwebtoken::decode_header(token).map_err(|e| format!("invalid jwt: {e}"))?;
+    let header = read_header(token)?;
     if !algorithms.contains(&header.alg) {
         return Err(format!(
             "token is signed by unexpected algorithm \"{:?}\"",
@@ -131,13 +128,12 @@ pub async fn verify_jwt(
             // An RSA/ECDSA verification is ~0.3 ms; a client resends the same token
             // until it expires. A token this key set verified before skips only the
             // signature; its claims are checked again below.
-            let digest = crate::plugins::verified::digest(token);
-            if shared.verified.contains(&digest, &set) {
+            if shared.verified.contains(token, &set) {
                 return already_verified_claims(token, issuers);
             }
             let claims = decode(&key.key);
             if claims.is_ok() {
-                cached_after = Some((shared, digest, set.clone()));
+                cached_after = Some((shared, set.clone()));
             }
             claims
         }
@@ -154,8 +150,8 @@ pub async fn verify_jwt(
         }
     })?;
     let claims = strictly_unexpired(claims)?;
-    if let Some((shared, digest, set)) = cached_after {
-        shared.verified.insert(digest, &set);
+    if let Some((shared, set)) = cached_after {
+        shared.verified.insert(token, &set);
     }
     Ok(claims)
 }
@@ -172,8 +168,11 @@ fn strictly_unexpired(claims: Value) -> Result<Value, String> {
 /// this key set already verified: `iss` required and trusted, `nbf` not ahead, `exp`
 /// strictly ahead (no leeway, as there).
 fn already_verified_claims(token: &str, issuers: &[String]) -> Result<Value, String> {
-    let claims: Value = jsonwebtoken::dangerous::insecure_decode_claims(token)
-        .map_err(|e| format!("invalid jwt: {e:?}"))?;
+    let payload = token.split('.').nth(1).unwrap_or_default();
+    let claims = Value::Object(
+        crate::plugins::jwt_auth::token::segment_object(payload)
+            .map_err(|e| format!("invalid jwt: payload {e}"))?,
+    );
     match claims.get("iss") {
         None => return Err("token has no \"iss\" claim".into()),
         Some(Value::String(iss)) if issuers.iter().any(|i| i == iss) => {}
@@ -200,8 +199,11 @@ fn pick<'k>(
     kid: Option<&str>,
     alg: Algorithm,
 ) -> Option<&'k super::provider::Key> {
-    let alg_name = format!("{alg:?}");
-    let usable = |k: &&super::provider::Key| k.alg.as_deref().is_none_or(|a| a == alg_name);
+    let usable = |k: &&super::provider::Key| {
+        k.alg
+            .as_deref()
+            .is_none_or(|a| a.parse::<Algorithm>().is_ok_and(|a| a == alg))
+    };
     match kid {
         Some(kid) => keys
             .iter()
@@ -215,26 +217,39 @@ fn pick<'k>(
     }
 }
 
-/// Refuses header parameters jsonwebtoken would let through: `crit` (we implement no
-/// extension) and any `alg` spelling of "none".
-fn check_raw_header(token: &str) -> Result<(), String> {
+/// The header members verification uses.
+struct Header {
+    alg: Algorithm,
+    kid: Option<String>,
+}
+
+/// Reads the JOSE header once, keeping `alg` and `kid`, and refuses what jsonwebtoken
+/// would let through: `crit` (we implement no extension) and any `alg` spelling of
+/// "none". Every other member (`jwk`, `jku`, `x5u`, `x5c`…) is parsed, never used.
+fn read_header(token: &str) -> Result<Header, String> {
+    use crate::plugins::jwt_auth::token::segment_members;
     let head = token.split('.').next().unwrap_or_default();
-    let bytes = URL_SAFE_NO_PAD
-        .decode(head)
-        .map_err(|_| "invalid jwt: header is not base64url".to_owned())?;
-    let header: Value =
-        serde_json::from_slice(&bytes).map_err(|_| "invalid jwt: header is not JSON".to_owned())?;
-    match header.get("alg").and_then(Value::as_str) {
-        Some(alg) if alg.eq_ignore_ascii_case("none") => {
+    let [alg, crit, kid] = segment_members(head, ["alg", "crit", "kid"])
+        .map_err(|e| format!("invalid jwt: header {e}"))?;
+    let alg = match alg {
+        Some(Value::String(alg)) if alg.eq_ignore_ascii_case("none") => {
             return Err("token is not signed (alg none)".into());
         }
-        Some(_) => {}
-        None => return Err("invalid jwt: no alg".into()),
-    }
-    if header.get("crit").is_some() {
+        Some(Value::String(alg)) => alg,
+        _ => return Err("invalid jwt: no alg".into()),
+    };
+    if crit.is_some() {
         return Err("token names critical header parameters".into());
     }
-    Ok(())
+    let kid = match kid {
+        None | Some(Value::Null) => None,
+        Some(Value::String(kid)) => Some(kid),
+        Some(_) => return Err("invalid jwt: kid is not a string".into()),
+    };
+    let alg = alg
+        .parse()
+        .map_err(|_| format!("invalid jwt: unknown algorithm \"{alg}\""))?;
+    Ok(Header { alg, kid })
 }
 
 /// Asks the introspection endpoint about `token`, through the cache. `active: false`
@@ -353,6 +368,8 @@ fn cache_key(parts: &[&str]) -> [u8; 32] {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::Engine;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
     /// An unsigned token with these claims: `already_verified_claims` never looks at
     /// the signature, only at what jsonwebtoken would have checked besides it.
@@ -431,12 +448,40 @@ mod tests {
             URL_SAFE_NO_PAD.encode(r#"{"alg":"nOnE"}"#),
             URL_SAFE_NO_PAD.encode("{}")
         );
-        assert!(check_raw_header(&none).unwrap_err().contains("alg none"));
+        assert!(read_header(&none).err().unwrap().contains("alg none"));
         let crit = format!(
             "{}.e30.sig",
             URL_SAFE_NO_PAD.encode(r#"{"alg":"RS256","crit":["exp"]}"#)
         );
-        assert!(check_raw_header(&crit).unwrap_err().contains("critical"));
+        assert!(read_header(&crit).err().unwrap().contains("critical"));
+    }
+
+    #[test]
+    fn the_header_is_read_once_for_alg_and_kid() {
+        let token = |header: &str| format!("{}.e30.sig", URL_SAFE_NO_PAD.encode(header));
+        let h = read_header(&token(
+            r#"{"alg":"ES256","kid":"k1","jwk":{"kty":"oct","k":"AA"},"typ":"JWT"}"#,
+        ))
+        .unwrap();
+        assert_eq!((h.alg, h.kid.as_deref()), (Algorithm::ES256, Some("k1")));
+        assert_eq!(read_header(&token(r#"{"alg":"RS256"}"#)).unwrap().kid, None);
+        for (header, reason) in [
+            (r#"{"alg":"RS257"}"#, "unknown algorithm"),
+            (r#"{"alg":"RS256","kid":7}"#, "kid is not a string"),
+            (r#"{"alg":256}"#, "no alg"),
+            (r#"{"kid":"k1"}"#, "no alg"),
+            (r#"["RS256"]"#, "not a JSON object"),
+            ("{\"alg\":\"RS256\"", "not JSON"),
+        ] {
+            let err = read_header(&token(header)).err().unwrap();
+            assert!(err.contains(reason), "{header}: {err}");
+        }
+        assert!(
+            read_header("%%%.e30.sig")
+                .err()
+                .unwrap()
+                .contains("base64url")
+        );
     }
 
     /// An ES256 key pair from a fixed scalar, as (signing, verifying) keys.
