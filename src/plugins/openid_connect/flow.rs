@@ -44,7 +44,8 @@ struct LoginSession {
     access_token: Option<String>,
     access_exp: Option<i64>,
     refresh_token: Option<String>,
-    userinfo: Option<Value>,
+    /// The OP's userinfo answer as JSON text: only ever passed on (`X-Userinfo`).
+    userinfo: Option<Box<serde_json::value::RawValue>>,
     scope: Option<String>,
 }
 
@@ -213,16 +214,15 @@ async fn use_session(
     }
     let s = &plugin.settings;
     if s.set_id_token_header
-        && let Some(claims) = payload(&sess.id_token)
+        && let Some(claims) = payload_json(&sess.id_token)
     {
-        cx.allow
-            .set_upstream("x-id-token", STANDARD.encode(claims.to_string()));
+        cx.allow.set_upstream("x-id-token", STANDARD.encode(claims));
     }
     if s.set_userinfo_header
         && let Some(user) = &sess.userinfo
     {
         cx.allow
-            .set_upstream("x-userinfo", STANDARD.encode(user.to_string()));
+            .set_upstream("x-userinfo", STANDARD.encode(user.get()));
     }
     if s.set_refresh_token_header
         && let Some(rt) = sess
@@ -373,8 +373,16 @@ fn session_scope(sess: &LoginSession) -> Option<String> {
 /// The payload of a JWT whose integrity was proven earlier (it sits in our sealed
 /// session).
 fn payload(jwt: &str) -> Option<Value> {
+    serde_json::from_slice(&payload_json(jwt)?).ok()
+}
+
+/// The payload's JSON text, as `X-ID-Token` passes it on: checked to be JSON, not
+/// parsed into a tree and printed again on every Check.
+fn payload_json(jwt: &str) -> Option<Vec<u8>> {
     let part = jwt.split('.').nth(1)?;
-    serde_json::from_slice(&URL_SAFE_NO_PAD.decode(part).ok()?).ok()
+    let json = URL_SAFE_NO_PAD.decode(part).ok()?;
+    serde_json::from_slice::<serde::de::IgnoredAny>(&json).ok()?;
+    Some(json)
 }
 
 /// When the access token stops being used: the OP's `expires_in`, else the route's
@@ -442,5 +450,32 @@ mod tests {
         assert!(constant_time_eq(b"abc", b"abc"));
         assert!(!constant_time_eq(b"abc", b"abd"));
         assert!(!constant_time_eq(b"abc", b"abcd"));
+    }
+
+    #[test]
+    fn id_token_and_userinfo_headers_carry_the_json_as_it_came() {
+        let claims = r#"{"sub":"u1","name":"Zo\u00eb","aud":["a","b"],"exp":4102444800}"#;
+        let jwt = format!("e30.{}.sig", URL_SAFE_NO_PAD.encode(claims));
+        assert_eq!(payload_json(&jwt).as_deref(), Some(claims.as_bytes()));
+        assert_eq!(payload(&jwt).unwrap()["name"], "Zo\u{eb}");
+        for bad in ["e30.bm90IGpzb24.sig", "e30.%%%.sig", "e30"] {
+            assert_eq!(payload_json(bad), None, "{bad}");
+        }
+
+        // A session sealed before userinfo was kept as text reads the same.
+        let stored = r#"{"sid":"s","created":1,"saved":1,"id_token":"h.p.s","sub":"u1",
+            "access_token":null,"access_exp":null,"refresh_token":null,
+            "userinfo":{"sub":"u1","groups":["x"]},"scope":null}"#;
+        let sess: LoginSession = serde_json::from_str(stored).unwrap();
+        assert_eq!(
+            sess.userinfo.as_ref().map(|u| u.get()),
+            Some(r#"{"sub":"u1","groups":["x"]}"#)
+        );
+        let again: LoginSession =
+            serde_json::from_str(&serde_json::to_string(&sess).unwrap()).unwrap();
+        assert_eq!(
+            again.userinfo.unwrap().get(),
+            r#"{"sub":"u1","groups":["x"]}"#
+        );
     }
 }

@@ -315,7 +315,11 @@ async fn complete(
                     "userinfo sub differs from the ID token's".into(),
                 ));
             }
-            Some(user)
+            // Kept as the JSON text it re-serialises to: every Check sends it on as
+            // `X-Userinfo`, and text needs no parsing or printing per request.
+            Some(serde_json::value::to_raw_value(&user).map_err(|e| {
+                OpFailure::Refused(format!("the userinfo answer cannot be kept: {e}"))
+            })?)
         }
         None => None,
     };
