@@ -435,6 +435,12 @@ for run in $(seq 1 "$RUNS"); do
         session_login
         if [ "$tool" = wrk ]; then
           header="cookie: $SESSION_COOKIE"
+          # The row must measure a browser's requests, not renewals: right after the
+          # login the session's answer carries no Set-Cookie.
+          if curl -s -o /dev/null -D - -H "$header" "$target" | grep -qi '^set-cookie:'; then
+            echo "$id: the session was renewed right after the login; the row would measure renewals (logs in $WORK)" >&2
+            KEEP=1; exit 1
+          fi
         else
           python3 "$ROOT/benches/check_body.py" "$target" /oidc-session/item "cookie: $SESSION_COOKIE"
         fi
