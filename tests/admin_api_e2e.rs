@@ -475,7 +475,7 @@ async fn concurrent_admin_writes_are_all_persisted() {
     for (status, body) in futures::future::join_all(deletes).await {
         assert_eq!(status, 200, "{body}");
     }
-    let expected = |i: usize| if i % 3 == 0 { 404 } else { 200 };
+    let expected = |i: usize| if i.is_multiple_of(3) { 404 } else { 200 };
     for i in 0..ROUTES {
         assert_eq!(
             stack.get(&format!("/c/{i}")).await.status,

@@ -165,7 +165,7 @@ async fn two_thousand_requests_during_twenty_reloads_all_decided_right() {
             // Keep going until the reloads are over and the quota is met.
             while !(finished.load(Ordering::SeqCst) && done.load(Ordering::SeqCst) >= REQUESTS) {
                 i += 1;
-                let allowed = i % 2 == 0;
+                let allowed = i.is_multiple_of(2);
                 let path = if allowed {
                     format!("/stable/{client}/{i}?n={i}")
                 } else {

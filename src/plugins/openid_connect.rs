@@ -259,7 +259,7 @@ impl Plugin {
         }
         // Older APISIX stored `timeout` multiplied to milliseconds; it still reads a whole
         // multiple of 1000 as milliseconds.
-        let timeout_secs = if settings.timeout >= 1000 && settings.timeout % 1000 == 0 {
+        let timeout_secs = if settings.timeout >= 1000 && settings.timeout.is_multiple_of(1000) {
             settings.timeout / 1000
         } else {
             settings.timeout

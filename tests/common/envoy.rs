@@ -144,13 +144,12 @@ impl Envoy {
                     self.process.tail()
                 ));
             }
-            if let Ok(resp) = client.get(&ready).send().await {
-                if resp.status() == 200 {
-                    let listening =
-                        tokio::net::TcpStream::connect(("127.0.0.1", self.ports.listener));
-                    if listening.await.is_ok() {
-                        return Ok(());
-                    }
+            if let Ok(resp) = client.get(&ready).send().await
+                && resp.status() == 200
+            {
+                let listening = tokio::net::TcpStream::connect(("127.0.0.1", self.ports.listener));
+                if listening.await.is_ok() {
+                    return Ok(());
                 }
             }
             if Instant::now() > deadline {
@@ -183,10 +182,10 @@ impl Envoy {
 impl Drop for Envoy {
     fn drop(&mut self) {
         self.process.kill();
-        if std::thread::panicking() {
-            if let Some(dir) = self.dir.take() {
-                eprintln!("Envoy test directory kept: {}", dir.keep().display());
-            }
+        if std::thread::panicking()
+            && let Some(dir) = self.dir.take()
+        {
+            eprintln!("Envoy test directory kept: {}", dir.keep().display());
         }
     }
 }

@@ -230,10 +230,10 @@ impl Portcullis {
                     process.tail()
                 ));
             }
-            if let Ok(resp) = client.get(&url).send().await {
-                if resp.status() == 200 {
-                    return Ok(());
-                }
+            if let Ok(resp) = client.get(&url).send().await
+                && resp.status() == 200
+            {
+                return Ok(());
             }
             if Instant::now() > deadline {
                 return Err(format!(
