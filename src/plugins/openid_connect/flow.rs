@@ -373,16 +373,19 @@ fn session_scope(sess: &LoginSession) -> Option<String> {
 /// The payload of a JWT whose integrity was proven earlier (it sits in our sealed
 /// session).
 fn payload(jwt: &str) -> Option<Value> {
-    serde_json::from_slice(&payload_json(jwt)?).ok()
+    serde_json::from_slice(&payload_bytes(jwt)?).ok()
 }
 
 /// The payload's JSON text, as `X-ID-Token` passes it on: checked to be JSON, not
 /// parsed into a tree and printed again on every Check.
 fn payload_json(jwt: &str) -> Option<Vec<u8>> {
-    let part = jwt.split('.').nth(1)?;
-    let json = URL_SAFE_NO_PAD.decode(part).ok()?;
+    let json = payload_bytes(jwt)?;
     serde_json::from_slice::<serde::de::IgnoredAny>(&json).ok()?;
     Some(json)
+}
+
+fn payload_bytes(jwt: &str) -> Option<Vec<u8>> {
+    URL_SAFE_NO_PAD.decode(jwt.split('.').nth(1)?).ok()
 }
 
 /// When the access token stops being used: the OP's `expires_in`, else the route's
