@@ -57,7 +57,9 @@ fn bench_check(
     c.benchmark_group(group)
         .bench_function(BenchmarkId::from_parameter(id), |b| {
             b.to_async(&rt).iter(|| async {
-                let req = wire::CheckRequest::decode(bytes.clone()).expect("valid CheckRequest");
+                let mut req =
+                    wire::CheckRequest::decode(bytes.clone()).expect("valid CheckRequest");
+                req.adopt_header_map();
                 runtime.check(&req).await.encode_to_vec()
             })
         });

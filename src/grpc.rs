@@ -74,7 +74,9 @@ impl tonic::server::UnaryService<CheckRequest> for Check {
 
     fn call(&mut self, request: Request<CheckRequest>) -> Self::Future {
         let runtime = self.0.clone();
-        Box::pin(async move { Ok(Response::new(runtime.check(request.get_ref()).await)) })
+        let mut check = request.into_inner();
+        check.adopt_header_map();
+        Box::pin(async move { Ok(Response::new(runtime.check(&check).await)) })
     }
 }
 

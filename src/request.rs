@@ -107,6 +107,10 @@ pub enum DecodeError {
     EmptyPath,
     #[error("CheckRequest field {0} is not UTF-8")]
     NotUtf8(&'static str),
+    /// A front forgot `CheckRequest::adopt_header_map`: deciding without the headers
+    /// would deny every request for want of a token, or worse, decide on half of them.
+    #[error("CheckRequest header_map was not read (a bug in portcullis)")]
+    HeaderMapNotAdopted,
 }
 
 impl<'a> Request<'a> {
@@ -121,6 +125,9 @@ impl<'a> Request<'a> {
             .ok_or(DecodeError::MissingHttp)?;
         if http.path.is_empty() {
             return Err(DecodeError::EmptyPath);
+        }
+        if http.header_map.is_some() {
+            return Err(DecodeError::HeaderMapNotAdopted);
         }
         let source_ip = match attrs
             .source

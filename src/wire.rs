@@ -12,7 +12,10 @@
 //! - `map<string, string>` fields are their wire form, a repeated key/value entry
 //!   (a later entry for the same key wins, as with a map);
 //! - every field not declared here (timestamps, TLS session, metadata, peer
-//!   labels/certificates, ...) is skipped by prost without being stored.
+//!   labels/certificates, ...) is skipped by prost without being stored;
+//! - `header_map`, which Envoy sends instead of `headers` when its ext_authz filter
+//!   sets `encode_raw_headers: true`, is rewritten into the `headers` form before any
+//!   decision reads it ([`CheckRequest::adopt_header_map`]).
 //!
 //! Responses still use `envoy-types`' `CheckResponse`. The tests below check the
 //! subset against `envoy-types`' full messages.
@@ -78,6 +81,27 @@ pub struct HttpRequest {
     pub body: Bytes,
     #[prost(bytes = "bytes", tag = "12")]
     pub raw_body: Bytes,
+    #[prost(message, optional, tag = "13")]
+    pub header_map: Option<HeaderMap>,
+}
+
+/// `config.core.v3.HeaderMap`: one entry per header line, in the order Envoy holds them.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct HeaderMap {
+    #[prost(message, repeated, tag = "1")]
+    pub headers: Vec<HeaderValue>,
+}
+
+/// `config.core.v3.HeaderValue`: the value is `value` (text) or `raw_value` (bytes);
+/// Envoy's ext_authz filter fills `raw_value`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct HeaderValue {
+    #[prost(bytes = "bytes", tag = "1")]
+    pub key: Bytes,
+    #[prost(bytes = "bytes", tag = "2")]
+    pub value: Bytes,
+    #[prost(bytes = "bytes", tag = "3")]
+    pub raw_value: Bytes,
 }
 
 /// One entry of a `map<string, string>`.
@@ -98,13 +122,90 @@ impl Entry {
     }
 }
 
+impl CheckRequest {
+    /// Rewrites `header_map` (Envoy's `encode_raw_headers: true`) into `headers` as
+    /// Envoy's default encoding would have written them, so a decision never depends
+    /// on which of the two the filter was configured to send: a repeated header's
+    /// values joined with `,` in arrival order, and each byte that breaks UTF-8
+    /// replaced by `!` (Envoy sanitises `headers` values so; raw values are not).
+    /// The common case, no repeats and no such bytes, copies nothing.
+    ///
+    /// Envoy sends one form or the other; a message carrying both is read by its
+    /// `headers`. Every front that decodes a Check calls this before deciding
+    /// (`Request::from_check` refuses a message that still has a `header_map`).
+    pub fn adopt_header_map(&mut self) {
+        let Some(http) = self
+            .attributes
+            .as_mut()
+            .and_then(|a| a.request.as_mut())
+            .and_then(|r| r.http.as_mut())
+        else {
+            return;
+        };
+        let Some(map) = http.header_map.take() else {
+            return;
+        };
+        if !http.headers.is_empty() {
+            return;
+        }
+        let mut headers: Vec<Entry> = Vec::with_capacity(map.headers.len());
+        for line in map.headers {
+            let key = utf8_or_sanitised(line.key);
+            let raw = if line.raw_value.is_empty() {
+                line.value
+            } else {
+                line.raw_value
+            };
+            let value = utf8_or_sanitised(raw);
+            match headers.iter_mut().find(|e| e.key == key) {
+                Some(earlier) => {
+                    let mut joined = Vec::with_capacity(earlier.value.len() + 1 + value.len());
+                    joined.extend_from_slice(&earlier.value);
+                    joined.push(b',');
+                    joined.extend_from_slice(&value);
+                    earlier.value = Bytes::from(joined);
+                }
+                None => headers.push(Entry { key, value }),
+            }
+        }
+        http.headers = headers;
+    }
+}
+
+/// `bytes` unchanged when they are UTF-8; otherwise a copy with every byte that breaks
+/// UTF-8 replaced by `!`, one at a time, as Envoy's `MessageUtil::sanitizeUtf8String`
+/// does for the values it writes into `headers`.
+fn utf8_or_sanitised(bytes: Bytes) -> Bytes {
+    if std::str::from_utf8(&bytes).is_ok() {
+        return bytes;
+    }
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut rest: &[u8] = &bytes;
+    loop {
+        match std::str::from_utf8(rest) {
+            Ok(valid) => {
+                out.extend_from_slice(valid.as_bytes());
+                return Bytes::from(out);
+            }
+            Err(e) => {
+                let (valid, after) = rest.split_at(e.valid_up_to());
+                out.extend_from_slice(valid);
+                out.push(b'!');
+                rest = &after[1..];
+            }
+        }
+    }
+}
+
 /// The same message as `envoy-types` builds it (tests, benchmarks, tools): encoded
 /// and read back exactly as a Check from Envoy would be.
 impl From<&envoy_types::pb::envoy::service::auth::v3::CheckRequest> for CheckRequest {
     fn from(msg: &envoy_types::pb::envoy::service::auth::v3::CheckRequest) -> Self {
         use prost::Message as _;
-        CheckRequest::decode(msg.encode_to_vec().as_slice())
-            .expect("a message encoded by prost decodes")
+        let mut check = CheckRequest::decode(msg.encode_to_vec().as_slice())
+            .expect("a message encoded by prost decodes");
+        check.adopt_header_map();
+        check
     }
 }
 
@@ -227,6 +328,109 @@ mod tests {
             ]
         );
         assert_eq!(attrs.context_extensions, [Entry::new("route_id", "r1")]);
+    }
+
+    /// What Envoy sends with `encode_raw_headers: true`.
+    fn raw_check(lines: &[(&str, &[u8])]) -> CheckRequest {
+        let mut check = full_check();
+        let http = check
+            .attributes
+            .as_mut()
+            .and_then(|a| a.request.as_mut())
+            .and_then(|r| r.http.as_mut())
+            .unwrap();
+        http.headers.clear();
+        http.header_map = Some(envoy_types::pb::envoy::config::core::v3::HeaderMap {
+            headers: lines
+                .iter()
+                .map(
+                    |(k, v)| envoy_types::pb::envoy::config::core::v3::HeaderValue {
+                        key: (*k).into(),
+                        raw_value: v.to_vec(),
+                        ..Default::default()
+                    },
+                )
+                .collect(),
+        });
+        CheckRequest::decode(check.encode_to_vec().as_slice()).unwrap()
+    }
+
+    fn headers_of(check: &CheckRequest) -> Vec<(&str, &str)> {
+        let http = check.attributes.as_ref().unwrap().request.as_ref();
+        let http = http.unwrap().http.as_ref().unwrap();
+        assert!(http.header_map.is_none());
+        http.headers
+            .iter()
+            .map(|e| (s(&e.key), s(&e.value)))
+            .collect()
+    }
+
+    #[test]
+    fn a_header_map_becomes_the_headers_envoys_default_encoding_writes() {
+        let mut check = raw_check(&[
+            (":path", b"/a"),
+            ("authorization", b"x"),
+            ("cookie", b"a=1"),
+            ("authorization", b"Bearer t"),
+            ("x-note", b"caf\xe9 \xe2\x82 ok"),
+        ]);
+        check.adopt_header_map();
+        assert_eq!(
+            headers_of(&check),
+            [
+                (":path", "/a"),
+                ("authorization", "x,Bearer t"),
+                ("cookie", "a=1"),
+                ("x-note", "caf! !! ok"),
+            ]
+        );
+        assert!(crate::request::Request::from_check(&check).is_ok());
+    }
+
+    #[test]
+    fn a_header_value_sent_as_text_is_read_as_well() {
+        let mut full = full_check();
+        let http = full.attributes.as_mut().unwrap().request.as_mut().unwrap();
+        let http = http.http.as_mut().unwrap();
+        http.headers.clear();
+        http.header_map = Some(envoy_types::pb::envoy::config::core::v3::HeaderMap {
+            headers: vec![envoy_types::pb::envoy::config::core::v3::HeaderValue {
+                key: "authorization".into(),
+                value: "Bearer t".into(),
+                ..Default::default()
+            }],
+        });
+        let check = CheckRequest::from(&full);
+        assert_eq!(headers_of(&check), [("authorization", "Bearer t")]);
+    }
+
+    #[test]
+    fn a_message_with_both_forms_is_read_by_its_headers() {
+        let mut check = CheckRequest::decode(full_check().encode_to_vec().as_slice()).unwrap();
+        let raw = raw_check(&[("authorization", b"Bearer other")]);
+        let http = check.attributes.as_mut().unwrap().request.as_mut();
+        let http = http.unwrap().http.as_mut().unwrap();
+        http.header_map = raw
+            .attributes
+            .unwrap()
+            .request
+            .unwrap()
+            .http
+            .unwrap()
+            .header_map;
+        check.adopt_header_map();
+        let mut headers = headers_of(&check);
+        headers.sort();
+        assert_eq!(headers[1], ("authorization", "Bearer x.y.z"));
+    }
+
+    #[test]
+    fn a_header_map_left_unread_is_refused_not_decided_without_headers() {
+        let check = raw_check(&[("authorization", b"Bearer t")]);
+        assert_eq!(
+            crate::request::Request::from_check(&check).unwrap_err(),
+            crate::request::DecodeError::HeaderMapNotAdopted
+        );
     }
 
     #[test]

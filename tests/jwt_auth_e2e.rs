@@ -680,3 +680,59 @@ async fn the_readme_walkthrough_works_on_the_seed_example() {
     let seen = with_auth(&stack, "/headers", DOC_TOKEN).await.echoed();
     assert_eq!(seen.header_all("x-consumer-username"), ["jack"]);
 }
+
+/// `encode_raw_headers: true` on Envoy's ext_authz filter sends the headers as
+/// `header_map` (one entry per header line, values as raw bytes) instead of the
+/// default map: the same requests must get the same decisions either way.
+#[tokio::test]
+async fn raw_header_encoding_gets_the_same_decisions() {
+    let raw = |shipped: &str| {
+        let edited = shipped.replace(
+            "transport_api_version: V3\n",
+            "transport_api_version: V3\n                      encode_raw_headers: true\n",
+        );
+        assert_ne!(
+            edited, shipped,
+            "envoy.yaml no longer has the line edited here"
+        );
+        edited
+    };
+    let default = Stack::start(SECURITY_CONFIG).await;
+    let raw = Stack::start_edited(SECURITY_CONFIG, raw).await;
+    for (form, stack) in [("headers", &default), ("header_map", &raw)] {
+        // The identity a client sends is replaced by the consumer's.
+        let seen = stack
+            .send(
+                stack
+                    .request(Method::GET, "/headers")
+                    .header("authorization", DOC_TOKEN)
+                    .header("x-consumer-username", "admin"),
+            )
+            .await
+            .echoed();
+        assert_eq!(seen.header_all("x-consumer-username"), ["jack"], "{form}");
+        // Repeated lines are one value joined with `,` (a bad one before a good one is
+        // not overruled by the good one), as Envoy's default encoding joins them.
+        let reply = stack
+            .send(
+                stack
+                    .request(Method::GET, "/headers")
+                    .header("authorization", "x")
+                    .header("authorization", DOC_TOKEN),
+            )
+            .await;
+        assert_eq!(reply.status, 401, "{form}");
+        assert!(!reply.reached_upstream(), "{form}");
+        // A header value that is not UTF-8 does not make the Check unreadable.
+        let latin1 = reqwest::header::HeaderValue::from_bytes(b"caf\xe9").unwrap();
+        let reply = stack
+            .send(
+                stack
+                    .request(Method::GET, "/headers")
+                    .header("authorization", DOC_TOKEN)
+                    .header("x-note", latin1),
+            )
+            .await;
+        assert_eq!(reply.status, 200, "{form}");
+    }
+}

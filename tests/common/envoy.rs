@@ -94,9 +94,20 @@ impl Envoy {
     /// admin interface reports ready. Retries with new listener/admin ports when another
     /// process took the chosen ones in the meantime.
     pub async fn start(config_file: &str, ports: EnvoyPorts) -> Self {
+        Self::start_edited(config_file, ports, str::to_owned).await
+    }
+
+    /// As [`Envoy::start`], with `edit` applied to the shipped text first: for the
+    /// settings a user may change in it (e.g. `encode_raw_headers`).
+    pub async fn start_edited(
+        config_file: &str,
+        ports: EnvoyPorts,
+        edit: impl Fn(&str) -> String,
+    ) -> Self {
         let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(config_file);
         let shipped = std::fs::read_to_string(&path)
             .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+        let shipped = edit(&shipped);
         let mut ports = ports;
         for attempt in 1..=3 {
             let dir = test_dir("envoy");

@@ -181,11 +181,25 @@ impl Stack {
         Self::start_full(ENVOY_GRPC, portcullis_yaml, env).await
     }
 
+    /// The default stack, its `envoy/envoy.yaml` changed by `edit` first.
+    pub async fn start_edited(portcullis_yaml: &str, edit: impl Fn(&str) -> String) -> Self {
+        Self::start_inner(ENVOY_GRPC, portcullis_yaml, &[], edit).await
+    }
+
     async fn start_full(envoy_config: &str, portcullis_yaml: &str, env: &[(&str, &str)]) -> Self {
+        Self::start_inner(envoy_config, portcullis_yaml, env, str::to_owned).await
+    }
+
+    async fn start_inner(
+        envoy_config: &str,
+        portcullis_yaml: &str,
+        env: &[(&str, &str)],
+        edit: impl Fn(&str) -> String,
+    ) -> Self {
         let upstream = EchoUpstream::start();
         let portcullis = Portcullis::start_with_env(portcullis_yaml, env).await;
         let ports = EnvoyPorts::new(upstream.port, portcullis.ports.grpc, portcullis.ports.http);
-        let envoy = Envoy::start(envoy_config, ports).await;
+        let envoy = Envoy::start_edited(envoy_config, ports, edit).await;
         Stack {
             envoy,
             portcullis,
