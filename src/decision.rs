@@ -155,7 +155,7 @@ impl Deny {
 /// Header values copied from claims or auth services must not smuggle a second
 /// header or terminate the message.
 pub fn is_safe_header_value(value: &str) -> bool {
-    !value.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0)
+    memchr::memchr3(b'\r', b'\n', 0, value.as_bytes()).is_none()
 }
 
 pub fn is_safe_header_name(name: &str) -> bool {
