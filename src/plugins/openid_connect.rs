@@ -11,8 +11,6 @@
 //! [`Shared`] ([`provider`]).
 use std::time::Duration;
 
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD;
 use jsonwebtoken::{Algorithm, DecodingKey};
 use serde::Deserialize;
 use serde_json::{Map, Value};
@@ -390,7 +388,7 @@ impl Plugin {
         cx: &Ctx<'_>,
         http: &reqwest::Client,
         token: &str,
-    ) -> Result<Value, Deny> {
+    ) -> Result<std::sync::Arc<bearer::Claims>, Deny> {
         let shared = &cx.shared.openid_connect;
         let s = &self.settings;
         if !bearer::is_token_syntax(token) {
@@ -433,6 +431,7 @@ impl Plugin {
             };
             return bearer::verify_jwt(token, keys, &self.algorithms, &issuers)
                 .await
+                .map(|claims| std::sync::Arc::new(bearer::Claims::new(claims)))
                 .map_err(|e| self.invalid_token(&e));
         }
         let endpoint = match &s.introspection_endpoint {
@@ -455,7 +454,6 @@ impl Plugin {
             .collect();
         bearer::introspect(s, shared, http, &endpoint, token, &addon)
             .await
-            .map(|claims| (*claims).clone())
             .map_err(|e| self.invalid_token(&e))
     }
 
@@ -490,17 +488,17 @@ impl Plugin {
     }
 
     /// Scope and audience checks, then the upstream headers of a verified bearer token.
-    fn allow_bearer(&self, cx: &mut Ctx<'_>, token: &str, claims: &Value) -> Outcome {
-        if let Some(deny) = self.check_scopes(claims.get("scope").and_then(Value::as_str)) {
+    fn allow_bearer(&self, cx: &mut Ctx<'_>, token: &str, claims: &bearer::Claims) -> Outcome {
+        if let Some(deny) = self.check_scopes(claims.value.get("scope").and_then(Value::as_str)) {
             return Outcome::Deny(deny);
         }
-        if let Some(deny) = self.check_audience(claims) {
+        if let Some(deny) = self.check_audience(&claims.value) {
             return Outcome::Deny(deny);
         }
         self.set_access_token(cx, token);
         if self.settings.set_userinfo_header {
             cx.allow
-                .set_upstream("x-userinfo", STANDARD.encode(claims.to_string()));
+                .set_upstream("x-userinfo", claims.userinfo_header().to_owned());
         }
         Outcome::Continue
     }

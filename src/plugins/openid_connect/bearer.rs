@@ -48,6 +48,34 @@ pub fn presented<'a>(
     }
 }
 
+/// What a verified bearer token says: its claims, and the `X-Userinfo` value made from
+/// them. An introspection answer is served from the cache for every request that
+/// presents its token, so the header is made once per answer, not per request
+/// (serialising, base64-encoding, and cloning the answer were a quarter of such a
+/// Check's instructions).
+#[derive(Debug)]
+pub struct Claims {
+    pub value: Value,
+    userinfo: std::sync::OnceLock<String>,
+}
+
+impl Claims {
+    pub fn new(value: Value) -> Self {
+        Claims {
+            value,
+            userinfo: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// `X-Userinfo`: the claims as JSON, base64-encoded (APISIX's header).
+    pub fn userinfo_header(&self) -> &str {
+        use base64::Engine as _;
+        self.userinfo.get_or_init(|| {
+            base64::engine::general_purpose::STANDARD.encode(self.value.to_string())
+        })
+    }
+}
+
 /// RFC 6750's `b64token` syntax. Anything else (spaces, commas from two `Authorization`
 /// headers Envoy joined, control bytes) is refused before the OP is asked or a JWT parsed.
 pub fn is_token_syntax(token: &str) -> bool {
@@ -274,7 +302,7 @@ pub async fn introspect(
     endpoint: &str,
     token: &str,
     addon_headers: &[(String, String)],
-) -> Result<Arc<Value>, String> {
+) -> Result<Arc<Claims>, String> {
     if token.len() > MAX_TOKEN_LEN {
         return Err("token too large".into());
     }
@@ -321,12 +349,12 @@ pub async fn introspect(
     if answer.get("active").and_then(Value::as_bool) != Some(true) {
         return Err("invalid token".into());
     }
-    let claims = Arc::new(answer);
+    let claims = Arc::new(Claims::new(answer));
     let expiry_claim = settings
         .introspection_expiry_claim
         .as_deref()
         .unwrap_or("exp");
-    let expiry = claims.get(expiry_claim).and_then(Value::as_i64);
+    let expiry = claims.value.get(expiry_claim).and_then(Value::as_i64);
     if expiry_claim == "exp" && expiry.is_some_and(|exp| exp <= super::now()) {
         // An "active" token whose `exp` has passed is a contradiction: refuse it.
         return Err("token expired".into());
@@ -616,6 +644,23 @@ mod tests {
             introspection_ttl("exp", Some(now - 5), 0, now),
             Duration::ZERO
         );
+    }
+
+    #[test]
+    fn a_cached_introspection_answer_is_served_with_its_header_made_once() {
+        let shared = Shared::default();
+        let answer = serde_json::json!({"active": true, "sub": "jack", "scope": "read"});
+        let claims = Arc::new(Claims::new(answer.clone()));
+        shared.remember_introspection([7; 32], claims.clone(), Duration::from_secs(60));
+        let hit = shared.cached_introspection(&[7; 32], None).expect("cached");
+        assert!(Arc::ptr_eq(&hit, &claims), "the answer itself, not a copy");
+        let header = hit.userinfo_header();
+        assert_eq!(
+            header,
+            base64::engine::general_purpose::STANDARD.encode(answer.to_string())
+        );
+        let again = shared.cached_introspection(&[7; 32], None).expect("cached");
+        assert!(std::ptr::eq(again.userinfo_header(), header));
     }
 
     #[test]

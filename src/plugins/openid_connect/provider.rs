@@ -55,7 +55,7 @@ pub struct KeySet {
 /// Cached introspection answer for one token.
 #[derive(Clone)]
 struct Introspected {
-    claims: Arc<Value>,
+    claims: Arc<super::bearer::Claims>,
     fetched: Instant,
     until: Instant,
 }
@@ -214,7 +214,7 @@ impl Shared {
         &self,
         key: &[u8; 32],
         max_age: Option<Duration>,
-    ) -> Option<Arc<Value>> {
+    ) -> Option<Arc<super::bearer::Claims>> {
         let hit = self.introspection.get(key)?;
         if max_age.is_some_and(|max| hit.fetched.elapsed() >= max) {
             return None;
@@ -227,7 +227,12 @@ impl Shared {
         }
     }
 
-    pub fn remember_introspection(&self, key: [u8; 32], claims: Arc<Value>, ttl: Duration) {
+    pub fn remember_introspection(
+        &self,
+        key: [u8; 32],
+        claims: Arc<super::bearer::Claims>,
+        ttl: Duration,
+    ) {
         if ttl.is_zero() {
             return;
         }
