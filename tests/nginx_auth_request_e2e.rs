@@ -24,8 +24,16 @@ fn nginx_bin() -> PathBuf {
 
 struct Nginx {
     port: u16,
-    _process: Logged,
+    process: Logged,
     _dir: tempfile::TempDir,
+}
+
+impl Drop for Nginx {
+    /// A fast shutdown through the master: SIGKILL would stop only the master and leave
+    /// its worker listening.
+    fn drop(&mut self) {
+        self.process.stop(Duration::from_secs(5));
+    }
 }
 
 impl Nginx {
@@ -61,7 +69,7 @@ impl Nginx {
         .await;
         Nginx {
             port,
-            _process: process,
+            process,
             _dir: dir,
         }
     }

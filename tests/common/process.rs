@@ -76,6 +76,22 @@ impl Logged {
         }
     }
 
+    /// SIGTERM, then SIGKILL if the process has not exited `within`: for a process
+    /// with children of its own (nginx's master and its workers), which SIGKILL alone
+    /// would leave running.
+    pub fn stop(&mut self, within: Duration) {
+        if self.child.is_none() {
+            return;
+        }
+        let pid = self.pid().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let deadline = Instant::now() + within;
+        while self.exited().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill();
+    }
+
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
