@@ -52,19 +52,14 @@ impl Logged {
 
     /// Sends SIGTERM and waits (bounded) for the exit status.
     pub fn terminate(&mut self, within: Duration) -> ExitStatus {
-        let pid = self.pid().to_string();
-        let sent = Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .expect("run kill");
-        assert!(sent.success(), "kill -TERM {pid} failed");
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(status) = self.exited() {
+        let pid = self.pid();
+        assert!(self.send_term(), "kill -TERM {pid} failed");
+        match self.wait_exit(within) {
+            Some(status) => {
                 self.child = None;
-                return status;
+                status
             }
-            if Instant::now() > deadline {
+            None => {
                 self.kill();
                 panic!(
                     "{} did not exit within {within:?} of SIGTERM\n{}",
@@ -72,7 +67,6 @@ impl Logged {
                     self.tail()
                 );
             }
-            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
@@ -83,13 +77,31 @@ impl Logged {
         if self.child.is_none() {
             return;
         }
-        let pid = self.pid().to_string();
-        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        self.send_term();
+        self.wait_exit(within);
+        self.kill();
+    }
+
+    /// Whether `kill -TERM` was delivered.
+    fn send_term(&self) -> bool {
+        Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    /// The exit status, once the process exits within `within`.
+    fn wait_exit(&mut self, within: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + within;
-        while self.exited().is_none() && Instant::now() < deadline {
+        loop {
+            if let Some(status) = self.exited() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
-        self.kill();
     }
 
     pub fn kill(&mut self) {
