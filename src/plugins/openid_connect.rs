@@ -363,7 +363,7 @@ impl Plugin {
                 bearer::Presented::None => {}
                 bearer::Presented::Token(token) => {
                     return match self.verify_bearer(cx, &http, token).await {
-                        Ok(claims) => self.allow_bearer(cx, token, &claims),
+                        Ok(claims) => self.allow_bearer(cx, token, claims),
                         Err(deny) => Outcome::Deny(deny),
                     };
                 }
@@ -488,7 +488,12 @@ impl Plugin {
     }
 
     /// Scope and audience checks, then the upstream headers of a verified bearer token.
-    fn allow_bearer(&self, cx: &mut Ctx<'_>, token: &str, claims: &bearer::Claims) -> Outcome {
+    fn allow_bearer(
+        &self,
+        cx: &mut Ctx<'_>,
+        token: &str,
+        claims: std::sync::Arc<bearer::Claims>,
+    ) -> Outcome {
         if let Some(deny) = self.check_scopes(claims.value.get("scope").and_then(Value::as_str)) {
             return Outcome::Deny(deny);
         }
@@ -498,7 +503,7 @@ impl Plugin {
         self.set_access_token(cx, token);
         if self.settings.set_userinfo_header {
             cx.allow
-                .set_upstream("x-userinfo", claims.userinfo_header().to_owned());
+                .set_upstream("x-userinfo", claims.into_userinfo_header());
         }
         Outcome::Continue
     }

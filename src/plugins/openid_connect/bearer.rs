@@ -69,11 +69,26 @@ impl Claims {
 
     /// `X-Userinfo`: the claims as JSON, base64-encoded (APISIX's header).
     pub fn userinfo_header(&self) -> &str {
-        use base64::Engine as _;
-        self.userinfo.get_or_init(|| {
-            base64::engine::general_purpose::STANDARD.encode(self.value.to_string())
-        })
+        self.userinfo.get_or_init(|| userinfo_header(&self.value))
     }
+
+    /// `X-Userinfo` as the request's own value: claims that are this request's alone (a
+    /// verified JWT's) are encoded straight into it; a cached introspection answer's
+    /// value, made once, is copied.
+    pub fn into_userinfo_header(self: Arc<Self>) -> String {
+        match Arc::try_unwrap(self) {
+            Ok(own) => own
+                .userinfo
+                .into_inner()
+                .unwrap_or_else(|| userinfo_header(&own.value)),
+            Err(shared) => shared.userinfo_header().to_owned(),
+        }
+    }
+}
+
+fn userinfo_header(claims: &Value) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(claims.to_string())
 }
 
 /// RFC 6750's `b64token` syntax. Anything else (spaces, commas from two `Authorization`
@@ -661,6 +676,10 @@ mod tests {
         );
         let again = shared.cached_introspection(&[7; 32], None).expect("cached");
         assert!(std::ptr::eq(again.userinfo_header(), header));
+        // A request's own copy: from the cached value, or encoded for claims that are
+        // the request's alone; the same text either way.
+        assert_eq!(again.into_userinfo_header(), header);
+        assert_eq!(Arc::new(Claims::new(answer)).into_userinfo_header(), header);
     }
 
     #[test]
