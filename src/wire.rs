@@ -214,8 +214,8 @@ mod tests {
     use std::collections::HashMap;
 
     use envoy_types::pb::envoy::config::core::v3::{
-        Address as FullAddress, Metadata, Pipe, SocketAddress as FullSocketAddress,
-        address::Address as AddressKind,
+        Address as FullAddress, HeaderValue as FullHeaderValue, Metadata, Pipe,
+        SocketAddress as FullSocketAddress, address::Address as AddressKind,
     };
     use envoy_types::pb::envoy::service::auth::v3::{
         AttributeContext as FullAttributes, CheckRequest as FullCheck, attribute_context as full,
@@ -332,6 +332,25 @@ mod tests {
 
     /// What Envoy sends with `encode_raw_headers: true`.
     fn raw_check(lines: &[(&str, &[u8])]) -> CheckRequest {
+        CheckRequest::decode(
+            full_check_with_header_map(
+                lines
+                    .iter()
+                    .map(|(k, v)| FullHeaderValue {
+                        key: (*k).into(),
+                        raw_value: v.to_vec(),
+                        ..Default::default()
+                    })
+                    .collect(),
+            )
+            .encode_to_vec()
+            .as_slice(),
+        )
+        .unwrap()
+    }
+
+    /// The full message with its headers sent as `header_map` instead of `headers`.
+    fn full_check_with_header_map(lines: Vec<FullHeaderValue>) -> FullCheck {
         let mut check = full_check();
         let http = check
             .attributes
@@ -340,19 +359,9 @@ mod tests {
             .and_then(|r| r.http.as_mut())
             .unwrap();
         http.headers.clear();
-        http.header_map = Some(envoy_types::pb::envoy::config::core::v3::HeaderMap {
-            headers: lines
-                .iter()
-                .map(
-                    |(k, v)| envoy_types::pb::envoy::config::core::v3::HeaderValue {
-                        key: (*k).into(),
-                        raw_value: v.to_vec(),
-                        ..Default::default()
-                    },
-                )
-                .collect(),
-        });
-        CheckRequest::decode(check.encode_to_vec().as_slice()).unwrap()
+        http.header_map =
+            Some(envoy_types::pb::envoy::config::core::v3::HeaderMap { headers: lines });
+        check
     }
 
     fn headers_of(check: &CheckRequest) -> Vec<(&str, &str)> {
@@ -389,17 +398,11 @@ mod tests {
 
     #[test]
     fn a_header_value_sent_as_text_is_read_as_well() {
-        let mut full = full_check();
-        let http = full.attributes.as_mut().unwrap().request.as_mut().unwrap();
-        let http = http.http.as_mut().unwrap();
-        http.headers.clear();
-        http.header_map = Some(envoy_types::pb::envoy::config::core::v3::HeaderMap {
-            headers: vec![envoy_types::pb::envoy::config::core::v3::HeaderValue {
-                key: "authorization".into(),
-                value: "Bearer t".into(),
-                ..Default::default()
-            }],
-        });
+        let full = full_check_with_header_map(vec![FullHeaderValue {
+            key: "authorization".into(),
+            value: "Bearer t".into(),
+            ..Default::default()
+        }]);
         let check = CheckRequest::from(&full);
         assert_eq!(headers_of(&check), [("authorization", "Bearer t")]);
     }
