@@ -232,7 +232,8 @@ fn default_jwk_expires_in() -> u64 {
 #[derive(Debug)]
 pub struct Plugin {
     settings: Settings,
-    public_key: Option<DecodingKey>,
+    /// Shared so that the verified-token cache can tell this key from a later one.
+    public_key: Option<std::sync::Arc<DecodingKey>>,
     algorithms: Vec<Algorithm>,
     timeout: Duration,
     session: Option<flow::SessionConfig>,
@@ -294,7 +295,8 @@ impl Plugin {
             .public_key
             .as_deref()
             .map(parse_public_key)
-            .transpose()?;
+            .transpose()?
+            .map(std::sync::Arc::new);
         let algorithms = match &settings.token_signing_alg_values_expected {
             Some(name) => {
                 let alg: Algorithm = name.parse().map_err(|_| {
@@ -412,7 +414,7 @@ impl Plugin {
             };
             let jwks_uri;
             let keys = match &self.public_key {
-                Some(key) => bearer::Keys::Fixed(key),
+                Some(key) => bearer::Keys::Fixed { key, shared },
                 None => {
                     let doc = self
                         .discovered(shared, http, "discovery document unavailable")
@@ -431,7 +433,6 @@ impl Plugin {
             };
             return bearer::verify_jwt(token, keys, &self.algorithms, &issuers)
                 .await
-                .map(|claims| std::sync::Arc::new(bearer::Claims::new(claims)))
                 .map_err(|e| self.invalid_token(&e));
         }
         let endpoint = match &s.introspection_endpoint {

@@ -21,6 +21,11 @@
 //! per lookup of such a token): SipHash's defence is against an attacker who chooses
 //! the keys, and only tokens whose signature verified are ever inserted.
 //! Envoy's own `jwt_authn` cache keeps the token strings as well.
+//!
+//! An entry may also keep what was learnt from the token when it verified (`V`): the
+//! openid-connect bearer path keeps the parsed claims and their `X-Userinfo`, so a
+//! cached token is not decoded, parsed and re-encoded on every request. What `V` holds
+//! is weighed with the token, so the cache stays bounded in bytes.
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -33,18 +38,40 @@ pub const TTL: Duration = Duration::from_secs(300);
 /// What an entry costs beyond its token's bytes (the `Arc`, the `Weak`, moka's entry).
 const ENTRY_OVERHEAD: u32 = 128;
 
-pub struct VerifiedTokens<K> {
-    cache: moka::sync::Cache<Arc<str>, Weak<K>, foldhash::fast::RandomState>,
+pub struct VerifiedTokens<K, V = ()> {
+    cache: moka::sync::Cache<Arc<str>, Entry<K, V>, foldhash::fast::RandomState>,
 }
 
-impl<K: Send + Sync + 'static> VerifiedTokens<K> {
+struct Entry<K, V> {
+    verified_with: Weak<K>,
+    value: V,
+    /// The heap bytes `value` holds, as its owner estimated them.
+    value_bytes: u32,
+}
+
+impl<K, V: Clone> Clone for Entry<K, V> {
+    fn clone(&self) -> Self {
+        Entry {
+            verified_with: self.verified_with.clone(),
+            value: self.value.clone(),
+            value_bytes: self.value_bytes,
+        }
+    }
+}
+
+impl<K, V> VerifiedTokens<K, V>
+where
+    K: Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
     pub fn new(capacity_bytes: u64, ttl: Duration) -> Self {
         VerifiedTokens {
             cache: moka::sync::Cache::builder()
                 .max_capacity(capacity_bytes)
-                .weigher(|token: &Arc<str>, _| {
+                .weigher(|token: &Arc<str>, entry: &Entry<K, V>| {
                     u32::try_from(token.len())
                         .unwrap_or(u32::MAX)
+                        .saturating_add(entry.value_bytes)
                         .saturating_add(ENTRY_OVERHEAD)
                 })
                 .time_to_live(ttl)
@@ -52,27 +79,48 @@ impl<K: Send + Sync + 'static> VerifiedTokens<K> {
         }
     }
 
+    /// What was kept for exactly this token verified with exactly `key`.
+    pub fn get(&self, token: &str, key: &Arc<K>) -> Option<V> {
+        let entry = self.cache.get(token)?;
+        let verified_with = entry.verified_with.upgrade()?;
+        Arc::ptr_eq(&verified_with, key).then_some(entry.value)
+    }
+
+    /// Remembers that the token's signature verified with `key`, with `value` and the
+    /// heap bytes it holds.
+    pub fn insert_with(&self, token: &str, key: &Arc<K>, value: V, value_bytes: usize) {
+        let entry = Entry {
+            verified_with: Arc::downgrade(key),
+            value,
+            value_bytes: u32::try_from(value_bytes).unwrap_or(u32::MAX),
+        };
+        self.cache.insert(Arc::from(token), entry);
+    }
+}
+
+impl<K: Send + Sync + 'static> VerifiedTokens<K> {
     /// True when exactly this token was verified with exactly `key`.
     pub fn contains(&self, token: &str, key: &Arc<K>) -> bool {
-        self.cache
-            .get(token)
-            .and_then(|weak| weak.upgrade())
-            .is_some_and(|verified_with| Arc::ptr_eq(&verified_with, key))
+        self.get(token, key).is_some()
     }
 
     /// Remembers that the token's signature verified with `key`.
     pub fn insert(&self, token: &str, key: &Arc<K>) {
-        self.cache.insert(Arc::from(token), Arc::downgrade(key));
+        self.insert_with(token, key, (), 0);
     }
 }
 
-impl<K: Send + Sync + 'static> Default for VerifiedTokens<K> {
+impl<K, V> Default for VerifiedTokens<K, V>
+where
+    K: Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
     fn default() -> Self {
         Self::new(CAPACITY_BYTES, TTL)
     }
 }
 
-impl<K> std::fmt::Debug for VerifiedTokens<K> {
+impl<K, V> std::fmt::Debug for VerifiedTokens<K, V> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VerifiedTokens")
             .field("entries", &self.cache.entry_count())
@@ -120,5 +168,22 @@ mod tests {
         cache.cache.run_pending_tasks();
         let kept = cache.cache.iter().map(|(t, _)| t.len() as u64).sum::<u64>();
         assert!(kept <= 64 * 1024, "{kept} bytes of tokens kept");
+    }
+
+    #[test]
+    fn what_an_entry_keeps_is_weighed_with_its_token() {
+        let cache = VerifiedTokens::<String, Arc<str>>::new(64 * 1024, TTL);
+        let key = Arc::new("key".to_string());
+        let kept_value: Arc<str> = Arc::from("claims");
+        for i in 0..64 {
+            cache.insert_with(&format!("token-{i}"), &key, kept_value.clone(), 8 * 1024);
+        }
+        cache.cache.run_pending_tasks();
+        let entries = cache.cache.entry_count();
+        assert!(entries <= 8, "{entries} entries of 8 KiB kept in 64 KiB");
+        let (token, _) = cache.cache.iter().next().expect("some kept");
+        assert_eq!(cache.get(&token, &key).as_deref(), Some("claims"));
+        let other = Arc::new("key".to_string());
+        assert_eq!(cache.get(&token, &other), None, "another key");
     }
 }

@@ -153,17 +153,6 @@ pub(crate) fn segment_members<const N: usize>(
     })
 }
 
-/// A token segment's whole JSON object (base64url).
-pub(crate) fn segment_object(segment: &str) -> Result<Map<String, Value>, String> {
-    decode_segment(segment, |json| {
-        let seed = Picker {
-            names: [""],
-            keep: true,
-        };
-        Ok(parse_object(json, seed)?.all.unwrap_or_default())
-    })
-}
-
 /// Decodes a base64url segment and hands the bytes to `f`.
 fn decode_segment<T>(
     segment: &str,

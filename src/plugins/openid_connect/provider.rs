@@ -16,6 +16,8 @@ use jsonwebtoken::jwk::Jwk;
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::plugins::verified::VerifiedTokens;
+
 /// How long a discovery document is trusted (lua-resty-openidc's default is a day).
 const DISCOVERY_TTL: Duration = Duration::from_secs(24 * 3600);
 /// The least time between two JWKS fetches caused by an unknown `kid`.
@@ -70,7 +72,10 @@ pub struct Shared {
     introspection: moka::sync::Cache<[u8; 32], Introspected>,
     /// JWTs whose signature verified against a JWKS, by the key set they verified
     /// with: a rotated JWKS is a new set, so its tokens verify afresh.
-    pub verified: crate::plugins::verified::VerifiedTokens<KeySet>,
+    pub verified: VerifiedTokens<KeySet, super::bearer::Verified>,
+    /// JWTs whose signature verified against a route's `public_key`, by that key: a
+    /// config change compiles a new key, so its tokens verify afresh.
+    pub verified_by_key: VerifiedTokens<DecodingKey, super::bearer::Verified>,
 }
 
 impl Default for Shared {
@@ -85,6 +90,7 @@ impl Default for Shared {
                 .time_to_live(Duration::from_secs(24 * 3600))
                 .build(),
             verified: Default::default(),
+            verified_by_key: Default::default(),
         }
     }
 }
@@ -162,6 +168,12 @@ impl Shared {
         self.discovery
             .insert(url.to_owned(), (doc.clone(), Instant::now()));
         Ok(doc)
+    }
+
+    /// The key set held for `url` if it is younger than `ttl`; never fetches.
+    pub fn current_jwks(&self, url: &str, ttl: Duration) -> Option<Arc<KeySet>> {
+        let set = self.jwks.get(url)?;
+        (set.fetched.elapsed() < ttl).then(|| set.value().clone())
     }
 
     /// The JWKS at `url`; `ttl` is the route's `jwk_expires_in`. With `refresh`, fetch again
