@@ -397,41 +397,42 @@ impl Plugin {
             return Err(self.invalid_token("invalid token format"));
         }
         if self.public_key.is_some() || s.use_jwks {
-            let issuers = match s
+            let valid_issuers = s
                 .claim_validator
                 .as_ref()
                 .and_then(|c| c.issuer.as_ref())
-                .and_then(|i| i.valid_issuers.clone())
-            {
+                .and_then(|i| i.valid_issuers.as_deref());
+            // Issuers and the JWKS address are borrowed from the route or the discovery
+            // document, not copied for every request.
+            let issuer_doc;
+            let issuers = match valid_issuers {
                 Some(issuers) => issuers,
                 // Without its issuer nothing pins who signed: fail closed, as APISIX does.
-                None => vec![
-                    self.discovered(shared, http, "issuer validation unavailable")
-                        .await?
-                        .issuer
-                        .clone(),
-                ],
+                None => {
+                    issuer_doc = self
+                        .discovered(shared, http, "issuer validation unavailable")
+                        .await?;
+                    std::slice::from_ref(&issuer_doc.issuer)
+                }
             };
-            let jwks_uri;
+            let jwks_doc;
             let keys = match &self.public_key {
                 Some(key) => bearer::Keys::Fixed { key, shared },
                 None => {
-                    let doc = self
+                    jwks_doc = self
                         .discovered(shared, http, "discovery document unavailable")
                         .await?;
-                    jwks_uri = doc
-                        .jwks_uri
-                        .clone()
-                        .ok_or_else(|| self.invalid_token("the provider publishes no jwks_uri"))?;
                     bearer::Keys::Jwks {
                         shared,
                         http,
-                        url: &jwks_uri,
+                        url: jwks_doc.jwks_uri.as_deref().ok_or_else(|| {
+                            self.invalid_token("the provider publishes no jwks_uri")
+                        })?,
                         ttl: Duration::from_secs(s.jwk_expires_in),
                     }
                 }
             };
-            return bearer::verify_jwt(token, keys, &self.algorithms, &issuers)
+            return bearer::verify_jwt(token, keys, &self.algorithms, issuers)
                 .await
                 .map_err(|e| self.invalid_token(&e));
         }
