@@ -3,8 +3,9 @@
 //! An RSA or ECDSA verification costs ~0.3 ms of CPU (RustCrypto), sixty times a
 //! whole HS256 Check, and clients send the same token on every request until it
 //! expires. Envoy's own `jwt_authn` filter caches verified tokens for the same reason
-//! (`jwt_cache_config`). Only the signature check is skipped on a hit: the caller
-//! still checks `alg`, `exp`, `nbf` and every other claim on every request.
+//! (`jwt_cache_config`). A hit skips the signature check (and, where an entry keeps
+//! them, the token's decoding), never the claims: the caller still checks `alg`,
+//! `exp`, `nbf` and every other claim on every request.
 //!
 //! An entry is keyed by the whole token and remembers the key it was verified with as
 //! a `Weak` pointer. A hit needs the very same bytes (the map compares the stored
