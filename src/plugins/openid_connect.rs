@@ -505,7 +505,7 @@ impl Plugin {
         self.set_access_token(cx, token);
         if self.settings.set_userinfo_header {
             cx.allow
-                .set_upstream("x-userinfo", claims.into_userinfo_header());
+                .set_upstream("x-userinfo", claims.userinfo_header().to_owned());
         }
         Outcome::Continue
     }

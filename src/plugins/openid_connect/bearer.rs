@@ -15,6 +15,7 @@ use sha2::{Digest, Sha256};
 
 use super::provider::{Shared, read_json, record_cache, record_outbound, transport};
 use super::{AuthMethod, Settings};
+use crate::plugins::verified::VerifiedTokens;
 
 /// Tokens longer than this are refused before any decoding.
 pub const MAX_TOKEN_LEN: usize = 16 * 1024;
@@ -49,8 +50,8 @@ pub fn presented<'a>(
 }
 
 /// What a verified bearer token says: its claims, and the `X-Userinfo` value made from
-/// them. An introspection answer is served from the cache for every request that
-/// presents its token, so the header is made once per answer, not per request
+/// them. An introspection answer or a verified JWT is served from its cache for every
+/// request that presents its token, so the header is made once per token, not per request
 /// (serialising, base64-encoding, and cloning the answer were a quarter of such a
 /// Check's instructions).
 #[derive(Debug)]
@@ -70,19 +71,6 @@ impl Claims {
     /// `X-Userinfo`: the claims as JSON, base64-encoded (APISIX's header).
     pub fn userinfo_header(&self) -> &str {
         self.userinfo.get_or_init(|| userinfo_header(&self.value))
-    }
-
-    /// `X-Userinfo` as the request's own value: claims that are this request's alone (a
-    /// verified JWT's) are encoded straight into it; a cached introspection answer's
-    /// value, made once, is copied.
-    pub fn into_userinfo_header(self: Arc<Self>) -> String {
-        match Arc::try_unwrap(self) {
-            Ok(own) => own
-                .userinfo
-                .into_inner()
-                .unwrap_or_else(|| userinfo_header(&own.value)),
-            Err(shared) => shared.userinfo_header().to_owned(),
-        }
     }
 }
 
@@ -133,10 +121,17 @@ impl Verified {
         Ok(self.claims)
     }
 
-    /// Heap bytes an entry holds besides its token: the claims' tree and `X-Userinfo`,
-    /// which is made here so that its size is known (and made once per token anyway).
-    fn heap_bytes(&self) -> usize {
-        value_heap_bytes(&self.claims.value) + self.claims.userinfo_header().len()
+    /// Caches this fresh verification under the key (set) that made it, weighed by the
+    /// heap bytes it holds: the claims' tree and `X-Userinfo`, which is made here so
+    /// that its size is known (and made once per token anyway).
+    fn remember<K: Send + Sync + 'static>(
+        &self,
+        cache: &VerifiedTokens<K, Verified>,
+        token: &str,
+        key: &Arc<K>,
+    ) {
+        let bytes = value_heap_bytes(&self.claims.value) + self.claims.userinfo_header().len();
+        cache.insert_with(token, key, self.clone(), bytes);
     }
 }
 
@@ -222,10 +217,7 @@ pub async fn verify_jwt(
     let verified = match keys {
         Keys::Fixed { key, shared } => {
             let verified = decode(key)?;
-            let bytes = verified.heap_bytes();
-            shared
-                .verified_by_key
-                .insert_with(token, key, verified.clone(), bytes);
+            verified.remember(&shared.verified_by_key, token, key);
             verified
         }
         Keys::Jwks {
@@ -249,10 +241,7 @@ pub async fn verify_jwt(
             let key = pick(&set.keys, kid, header.alg)
                 .ok_or_else(|| "no key in the JWKS matches the token".to_owned())?;
             let verified = decode(&key.key)?;
-            let bytes = verified.heap_bytes();
-            shared
-                .verified
-                .insert_with(token, &set, verified.clone(), bytes);
+            verified.remember(&shared.verified, token, &set);
             verified
         }
     };
@@ -791,10 +780,8 @@ mod tests {
         );
         let again = shared.cached_introspection(&[7; 32], None).expect("cached");
         assert!(std::ptr::eq(again.userinfo_header(), header));
-        // A request's own copy: from the cached value, or encoded for claims that are
-        // the request's alone; the same text either way.
-        assert_eq!(again.into_userinfo_header(), header);
-        assert_eq!(Arc::new(Claims::new(answer)).into_userinfo_header(), header);
+        // The same text as claims made afresh from the answer.
+        assert_eq!(Claims::new(answer).userinfo_header(), header);
     }
 
     #[test]
