@@ -5,6 +5,7 @@
 //! error names the file, the path inside it and what was expected, so
 //! `portcullis validate` and a rejected hot reload say exactly what to fix.
 use std::net::SocketAddr;
+use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -47,6 +48,10 @@ pub struct Listen {
     pub http: SocketAddr,
     #[serde(default = "default_admin")]
     pub admin: SocketAddr,
+    /// Threads serving `grpc`, each with its own connections; unset, one per CPU the
+    /// process may use. Read at startup, like the addresses.
+    #[serde(default)]
+    pub grpc_threads: Option<NonZeroUsize>,
 }
 
 fn default_grpc() -> SocketAddr {
@@ -65,6 +70,7 @@ impl Default for Listen {
             grpc: default_grpc(),
             http: default_http(),
             admin: default_admin(),
+            grpc_threads: None,
         }
     }
 }
@@ -371,6 +377,18 @@ mod tests {
         assert!(err.to_string().contains("routes[0]"), "{err}");
         let err = FileConfig::parse("listen: { grpc: nope }\n", "p.yaml").unwrap_err();
         assert!(err.to_string().contains("listen.grpc"), "{err}");
+    }
+
+    #[test]
+    fn grpc_threads_default_to_the_cpus_and_zero_is_refused() {
+        let c = FileConfig::parse("{}", "x").unwrap();
+        assert_eq!(c.listen.grpc_threads, None);
+        let c = FileConfig::parse("listen: { grpc_threads: 3 }", "x").unwrap();
+        assert_eq!(c.listen.grpc_threads.map(NonZeroUsize::get), Some(3));
+        let err = FileConfig::parse("listen: { grpc_threads: 0 }", "p.yaml").unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("listen.grpc_threads"), "{msg}");
+        assert!(msg.contains("nonzero"), "{msg}");
     }
 
     #[test]

@@ -9,6 +9,7 @@
 
 pub mod admin;
 pub mod auth_request;
+pub mod check_threads;
 pub mod config;
 pub mod decision;
 pub mod encode;

@@ -12,6 +12,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic_health::ServingStatus;
 
+use crate::check_threads::{self, CheckThreads};
 use crate::config::{ConfigError, DEFAULT_CONFIG, FileConfig, StoreKind};
 use crate::grpc::{AuthService, EXT_AUTHZ_DESCRIPTOR, SERVICE_NAME};
 use crate::runtime::Runtime;
@@ -32,8 +33,8 @@ pub enum ServeError {
     },
     #[error("cannot watch the config file: {0}")]
     Watch(#[from] notify::Error),
-    #[error("gRPC server failed: {0}")]
-    Grpc(#[from] tonic::transport::Error),
+    #[error(transparent)]
+    Grpc(#[from] check_threads::ThreadsError),
     #[error("cannot serve reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
 }
@@ -100,28 +101,36 @@ pub async fn serve(opts: Options) -> Result<(), ServeError> {
     health_reporter
         .set_service_status("", ServingStatus::Serving)
         .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(EXT_AUTHZ_DESCRIPTOR)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let reflection_alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(EXT_AUTHZ_DESCRIPTOR)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
     let grpc_listener = bind("grpc", config.listen.grpc).await?;
-    // tonic ignores `Server::tcp_nodelay` for a caller-supplied listener: set
-    // TCP_NODELAY on each accepted socket here, or Nagle holds the trailers frame of
-    // a Check until the peer's delayed ACK (~40 ms stalls; see docs/benchmarks.md).
-    let grpc_incoming =
-        tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
-    let grpc = tonic::transport::Server::builder()
-        .http2_adaptive_window(Some(true))
-        .add_service(health_service)
-        .add_service(reflection)
-        .add_service(reflection_alpha)
-        .add_service(AuthService::server(runtime.clone()))
-        .serve_with_incoming_shutdown(grpc_incoming, stopped(stop_rx.clone()));
-    let grpc = tokio::spawn(grpc);
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(EXT_AUTHZ_DESCRIPTOR)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_alpha = reflection().build_v1alpha()?;
+    let reflection = reflection().build_v1()?;
+    let auth = AuthService::server(runtime.clone());
+    let threads = CheckThreads::start(
+        config
+            .listen
+            .grpc_threads
+            .map_or_else(check_threads::default_count, |n| n.get()),
+        || {
+            tonic::transport::Server::builder()
+                .http2_adaptive_window(Some(true))
+                .add_service(health_service.clone())
+                .add_service(reflection.clone())
+                .add_service(reflection_alpha.clone())
+                .add_service(auth.clone())
+        },
+        stop_rx.clone(),
+    )?;
+    let threads = Arc::new(threads);
+    let accept = tokio::spawn({
+        let threads = threads.clone();
+        let stop = stop_rx.clone();
+        async move { threads.accept(grpc_listener, stop).await }
+    });
 
     // HTTP: health, readiness, metrics, auth_request.
     let http_listener = bind("http", config.listen.http).await?;
@@ -185,7 +194,12 @@ pub async fn serve(opts: Options) -> Result<(), ServeError> {
     }
     let _ = stop_tx.send(true);
     let drain = async {
-        let _ = grpc.await;
+        let _ = accept.await;
+        if let Some(threads) = Arc::into_inner(threads)
+            && let Err(e) = threads.join().await
+        {
+            tracing::error!(error = %e, "gRPC front");
+        }
         let _ = http.await;
         if let Some(admin) = admin {
             let _ = admin.await;

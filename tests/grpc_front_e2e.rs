@@ -162,3 +162,47 @@ async fn reflection_lists_ext_authz_and_health() {
         "{reply:?}"
     );
 }
+
+/// CPU time each gRPC thread has run, by thread (`/proc/PID/task/*/schedstat`, ns).
+fn grpc_thread_cpu(p: &Portcullis) -> Vec<u64> {
+    let mut threads = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{}/task", p.pid())).unwrap() {
+        let task = task.unwrap().path();
+        let Ok(name) = std::fs::read_to_string(task.join("comm")) else {
+            continue;
+        };
+        if let Some(index) = name.trim().strip_prefix("grpc-") {
+            let stat = std::fs::read_to_string(task.join("schedstat")).unwrap();
+            let ran: u64 = stat.split_whitespace().next().unwrap().parse().unwrap();
+            threads.push((index.parse::<usize>().unwrap(), ran));
+        }
+    }
+    threads.sort();
+    threads.into_iter().map(|(_, ran)| ran).collect()
+}
+
+/// Envoy keeps one HTTP/2 connection per worker: with `listen.grpc_threads: 2`, two
+/// such connections are served by both threads, not queued on one.
+#[tokio::test]
+async fn connections_are_spread_over_the_configured_grpc_threads() {
+    let p = Portcullis::start(&format!("listen: {{ grpc_threads: 2 }}\n{CONFIG}")).await;
+    let before = grpc_thread_cpu(&p);
+    assert_eq!(before.len(), 2, "two gRPC threads");
+    let mut clients = vec![client(&p).await, client(&p).await];
+    for c in &mut clients {
+        for _ in 0..20 {
+            let answer = c.check(check("/open/x", &[])).await.unwrap().into_inner();
+            assert!(matches!(
+                answer.http_response,
+                Some(HttpResponse::OkResponse(_))
+            ));
+        }
+    }
+    let after = grpc_thread_cpu(&p);
+    for (thread, (b, a)) in before.iter().zip(&after).enumerate() {
+        assert!(
+            a > b,
+            "gRPC thread {thread} served nothing: {before:?} → {after:?}"
+        );
+    }
+}

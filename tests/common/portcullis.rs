@@ -100,7 +100,11 @@ impl Portcullis {
         let map = doc
             .as_mapping_mut()
             .expect("test config must be a YAML mapping");
-        let mut listen = Mapping::new();
+        // A test may set other `listen` keys (grpc_threads); the addresses are ours.
+        let mut listen = match map.remove("listen") {
+            Some(Yaml::Mapping(listen)) => listen,
+            _ => Mapping::new(),
+        };
         for (key, port) in [
             ("grpc", self.ports.grpc),
             ("http", self.ports.http),

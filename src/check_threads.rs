@@ -1,0 +1,355 @@
+//! The gRPC front runs on threads of its own, one single-threaded tokio runtime each,
+//! and every accepted connection is handed to the thread holding the fewest.
+//!
+//! Why not the process's work-stealing runtime: hyper spawns a task per HTTP/2
+//! stream, and on a work-stealing runtime that task wakes an idle worker which
+//! steals it, so every Check paid futex wake-ups and moved between cores. Measured
+//! with h2load on this project's 2-core benchmark machine (docs/benchmarks.md,
+//! change 30), portcullis spent ≈ 35–45 % less CPU per Check with the connection,
+//! its streams and its decision on one thread. Envoy keeps one HTTP/2 connection per
+//! worker thread to an ext_authz cluster, so with the least-loaded hand-off below a
+//! few long-lived connections still spread over all threads; the price is that one
+//! connection never uses more than one core (`grpc_threads` says how many there are).
+//!
+//! Accepting stays on the main runtime; an accepted socket is deregistered there and
+//! registered with its thread's own reactor, so its readiness wakes only that thread.
+use std::io;
+use std::net::TcpStream as StdTcpStream;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use futures::StreamExt;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::transport::server::{Connected, Router, TcpConnectInfo};
+
+/// Why the gRPC front could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ThreadsError {
+    #[error("cannot start gRPC thread {index}: {source}")]
+    Spawn { index: usize, source: io::Error },
+    #[error("gRPC thread {index} failed: {source}")]
+    Serve {
+        index: usize,
+        source: tonic::transport::Error,
+    },
+    #[error("gRPC thread {index} panicked")]
+    Panicked { index: usize },
+}
+
+/// How many threads serve gRPC when the config leaves it to us: one per CPU this
+/// process may use (`available_parallelism` honours cgroup CPU quotas, so a pod
+/// limited to 2 CPUs gets 2 threads on a 64-core node).
+pub fn default_count() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+struct Thread {
+    /// Open connections this thread serves; the accept loop hands a new one to the
+    /// thread with the fewest.
+    open: Arc<AtomicUsize>,
+    handoff: mpsc::UnboundedSender<Handoff>,
+    handle: JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+struct Handoff {
+    socket: StdTcpStream,
+    open: OpenGuard,
+}
+
+/// Counts a connection as open on its thread until the connection is dropped.
+struct OpenGuard(Arc<AtomicUsize>);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Counts a thread out of `serving` when its server has ended, even by a panic.
+struct Served(Arc<watch::Sender<usize>>);
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n -= 1);
+    }
+}
+
+/// The gRPC threads, fed by one accept loop.
+pub struct CheckThreads {
+    threads: Vec<Thread>,
+}
+
+impl CheckThreads {
+    /// Starts `count` threads, each serving what `router` builds for it until `stop`
+    /// turns true; they then finish their in-flight Checks and close their connections
+    /// gracefully (GOAWAY), as tonic's own graceful shutdown does.
+    pub fn start(
+        count: usize,
+        mut router: impl FnMut() -> Router,
+        stop: watch::Receiver<bool>,
+    ) -> Result<CheckThreads, ThreadsError> {
+        let count = count.max(1);
+        // Tasks a Check spawns (a pooled HTTP connection to an IdP or auth service, a
+        // Redis connection) live on the runtime that spawned them and may serve the
+        // other threads' Checks too: no runtime is dropped while any thread drains.
+        let serving = Arc::new(watch::Sender::new(count));
+        let mut threads = Vec::with_capacity(count);
+        for index in 0..count {
+            let serving = serving.clone();
+            let (handoff, received) = mpsc::unbounded_channel::<Handoff>();
+            let router = router();
+            let mut stop = stop.clone();
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|source| ThreadsError::Spawn { index, source })?;
+            let handle = std::thread::Builder::new()
+                .name(format!("grpc-{index}"))
+                .spawn(move || {
+                    runtime.block_on(async move {
+                        // Registering with this thread's reactor must happen on this
+                        // thread, so the socket crosses over as a std socket.
+                        let incoming = UnboundedReceiverStream::new(received).map(|h| {
+                            TcpStream::from_std(h.socket).map(|io| Conn { io, _open: h.open })
+                        });
+                        let stopped = async move {
+                            let _ = stop.wait_for(|s| *s).await;
+                        };
+                        let mut all_done = serving.subscribe();
+                        let done = Served(serving);
+                        let served = router.serve_with_incoming_shutdown(incoming, stopped).await;
+                        drop(done);
+                        let _ = all_done.wait_for(|n| *n == 0).await;
+                        served
+                    })
+                })
+                .map_err(|source| ThreadsError::Spawn { index, source })?;
+            threads.push(Thread {
+                open: Arc::new(AtomicUsize::new(0)),
+                handoff,
+                handle,
+            });
+        }
+        Ok(CheckThreads { threads })
+    }
+
+    /// Accepts connections until `stop` turns true, handing each to the thread with
+    /// the fewest open ones.
+    pub async fn accept(&self, listener: TcpListener, mut stop: watch::Receiver<bool>) {
+        loop {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                _ = stop.wait_for(|s| *s) => return,
+            };
+            let socket = match accepted.and_then(|(socket, _)| prepare(socket)) {
+                Ok(socket) => socket,
+                Err(e) => {
+                    // Out of file descriptors and the like: the listener stays
+                    // readable, so retrying at once would spin.
+                    tracing::warn!(error = %e, "gRPC listener: cannot accept a connection");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let thread = self
+                .threads
+                .iter()
+                .min_by_key(|t| t.open.load(Ordering::Relaxed))
+                .expect("at least one gRPC thread");
+            thread.open.fetch_add(1, Ordering::Relaxed);
+            let handoff = Handoff {
+                socket,
+                open: OpenGuard(thread.open.clone()),
+            };
+            if thread.handoff.send(handoff).is_err() {
+                // The thread has ended (its error is reported by `join`); the
+                // connection is closed as the hand-off drops.
+                tracing::error!("gRPC listener: the gRPC thread has stopped");
+            }
+        }
+    }
+
+    /// Open connections per thread, in thread order.
+    pub fn open_connections(&self) -> Vec<usize> {
+        self.threads
+            .iter()
+            .map(|t| t.open.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    /// Waits for every thread to finish its connections and reports the first error.
+    pub async fn join(self) -> Result<(), ThreadsError> {
+        let mut first = Ok(());
+        for (index, thread) in self.threads.into_iter().enumerate() {
+            drop(thread.handoff);
+            let ended = tokio::task::spawn_blocking(move || thread.handle.join())
+                .await
+                .map_err(|_| ThreadsError::Panicked { index });
+            let result = match ended {
+                Ok(Ok(Ok(()))) => Ok(()),
+                Ok(Ok(Err(source))) => Err(ThreadsError::Serve { index, source }),
+                Ok(Err(_)) | Err(_) => Err(ThreadsError::Panicked { index }),
+            };
+            if first.is_ok() {
+                first = result;
+            }
+        }
+        first
+    }
+}
+
+/// Nagle would hold the trailers frame of a Check until the peer's delayed ACK
+/// (~40 ms stalls, docs/benchmarks.md change 1); the socket then leaves this
+/// runtime's reactor.
+fn prepare(socket: TcpStream) -> io::Result<StdTcpStream> {
+    socket.set_nodelay(true)?;
+    socket.into_std()
+}
+
+/// An accepted connection, counted on its thread while it is open.
+struct Conn {
+    io: TcpStream,
+    _open: OpenGuard,
+}
+
+impl Connected for Conn {
+    type ConnectInfo = TcpConnectInfo;
+
+    fn connect_info(&self) -> TcpConnectInfo {
+        self.io.connect_info()
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::transport::{Endpoint, Server};
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+
+    async fn wait_for(threads: &CheckThreads, want: &[usize]) {
+        for _ in 0..200 {
+            if threads.open_connections() == want {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(threads.open_connections(), want);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn connections_spread_over_the_threads_and_stop_gracefully() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (_reporter, health) = tonic_health::server::health_reporter();
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let threads = Arc::new(
+            CheckThreads::start(
+                3,
+                || Server::builder().add_service(health.clone()),
+                stop_rx.clone(),
+            )
+            .unwrap(),
+        );
+        let accept = tokio::spawn({
+            let threads = threads.clone();
+            async move { threads.accept(listener, stop_rx).await }
+        });
+
+        // Six long-lived connections, like Envoy's one per worker: two per thread.
+        let mut clients = Vec::new();
+        for n in 1..=6 {
+            let channel = Endpoint::from_shared(format!("http://{addr}"))
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+            let mut client = HealthClient::new(channel);
+            let answer = client
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+                .unwrap();
+            assert_eq!(answer.into_inner().status, 1, "SERVING");
+            clients.push(client);
+            let want: Vec<usize> = (0..3).map(|t| (n + 2 - t) / 3).collect();
+            wait_for(&threads, &want).await;
+        }
+        wait_for(&threads, &[2, 2, 2]).await;
+
+        // A closed connection frees its slot, and the next one goes there.
+        clients.truncate(5);
+        wait_for(&threads, &[2, 2, 1]).await;
+        let mut client = HealthClient::new(
+            Endpoint::from_shared(format!("http://{addr}"))
+                .unwrap()
+                .connect()
+                .await
+                .unwrap(),
+        );
+        client
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .unwrap();
+        wait_for(&threads, &[2, 2, 2]).await;
+
+        // Stopping closes the open connections gracefully and ends every thread.
+        stop_tx.send(true).unwrap();
+        accept.await.unwrap();
+        let threads = Arc::into_inner(threads).expect("the accept loop has ended");
+        tokio::time::timeout(Duration::from_secs(10), threads.join())
+            .await
+            .expect("the threads stop with connections open")
+            .unwrap();
+    }
+}
