@@ -176,6 +176,17 @@ impl CheckThreads {
         }
     }
 
+    /// Accepts connections until `stop` turns true, then waits for every thread to
+    /// finish its connections: the whole life of the gRPC front, for `server`.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        stop: watch::Receiver<bool>,
+    ) -> Result<(), ThreadsError> {
+        self.accept(listener, stop).await;
+        self.join().await
+    }
+
     /// Open connections per thread, in thread order.
     pub fn open_connections(&self) -> Vec<usize> {
         self.threads
@@ -189,10 +200,7 @@ impl CheckThreads {
         let mut first = Ok(());
         for (index, thread) in self.threads.into_iter().enumerate() {
             drop(thread.handoff);
-            let ended = tokio::task::spawn_blocking(move || thread.handle.join())
-                .await
-                .map_err(|_| ThreadsError::Panicked { index });
-            let result = match ended {
+            let result = match tokio::task::spawn_blocking(move || thread.handle.join()).await {
                 Ok(Ok(Ok(()))) => Ok(()),
                 Ok(Ok(Err(source))) => Err(ThreadsError::Serve { index, source }),
                 Ok(Err(_)) | Err(_) => Err(ThreadsError::Panicked { index }),

@@ -102,13 +102,13 @@ pub async fn serve(opts: Options) -> Result<(), ServeError> {
         .set_service_status("", ServingStatus::Serving)
         .await;
     let grpc_listener = bind("grpc", config.listen.grpc).await?;
-    let reflection = || {
+    let reflection_builder = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(EXT_AUTHZ_DESCRIPTOR)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
-    let reflection_alpha = reflection().build_v1alpha()?;
-    let reflection = reflection().build_v1()?;
+    let reflection = reflection_builder().build_v1()?;
+    let reflection_alpha = reflection_builder().build_v1alpha()?;
     let auth = AuthService::server(runtime.clone());
     let threads = CheckThreads::start(
         config
@@ -125,12 +125,7 @@ pub async fn serve(opts: Options) -> Result<(), ServeError> {
         },
         stop_rx.clone(),
     )?;
-    let threads = Arc::new(threads);
-    let accept = tokio::spawn({
-        let threads = threads.clone();
-        let stop = stop_rx.clone();
-        async move { threads.accept(grpc_listener, stop).await }
-    });
+    let grpc = tokio::spawn(threads.serve(grpc_listener, stop_rx.clone()));
 
     // HTTP: health, readiness, metrics, auth_request.
     let http_listener = bind("http", config.listen.http).await?;
@@ -194,10 +189,7 @@ pub async fn serve(opts: Options) -> Result<(), ServeError> {
     }
     let _ = stop_tx.send(true);
     let drain = async {
-        let _ = accept.await;
-        if let Some(threads) = Arc::into_inner(threads)
-            && let Err(e) = threads.join().await
-        {
+        if let Ok(Err(e)) = grpc.await {
             tracing::error!(error = %e, "gRPC front");
         }
         let _ = http.await;
