@@ -148,13 +148,23 @@ impl CheckThreads {
                 accepted = listener.accept() => accepted,
                 _ = stop.wait_for(|s| *s) => return,
             };
-            let socket = match accepted.and_then(|(socket, _)| prepare(socket)) {
-                Ok(socket) => socket,
+            let socket = match accepted {
+                Ok((socket, _)) => socket,
+                Err(e) if connection_gone(&e) => continue,
                 Err(e) => {
                     // Out of file descriptors and the like: the listener stays
                     // readable, so retrying at once would spin.
                     tracing::warn!(error = %e, "gRPC listener: cannot accept a connection");
                     tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            // A client that has already reset fails here; that is its connection's
+            // end, not the listener's, so the next accept follows at once.
+            let socket = match prepare(socket) {
+                Ok(socket) => socket,
+                Err(e) => {
+                    tracing::debug!(error = %e, "gRPC listener: dropped a connection as it arrived");
                     continue;
                 }
             };
@@ -211,6 +221,16 @@ impl CheckThreads {
         }
         first
     }
+}
+
+/// Errors of the one connection being accepted, which the next accept does not share.
+fn connection_gone(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionRefused
+    )
 }
 
 /// Nagle would hold the trailers frame of a Check until the peer's delayed ACK
