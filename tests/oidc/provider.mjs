@@ -44,7 +44,7 @@
 // key set and takes over request handling; the OP implementation itself is not altered.
 
 import { createServer } from 'node:http';
-import { generateKeyPairSync, randomBytes } from 'node:crypto';
+import { createPrivateKey, generateKeyPairSync, randomBytes } from 'node:crypto';
 
 import Provider from 'oidc-provider';
 
@@ -82,10 +82,25 @@ for (const server of Object.values(resources)) {
   for (const scope of (server.scope ?? '').split(' ').filter(Boolean)) scopes.add(scope);
 }
 
+// A new private key as a JWK. Generated as PEM and read back rather than exported from the
+// KeyObject generateKeyPairSync returns: on Node 20, a garbage collection during that export
+// can finalize the finished key-generation job, whose destructor takes the lock the export
+// holds, and the process hangs for good (seen as an OP that never printed its ready line;
+// `generateKeyPairSync('ec', ...).privateKey.export({ format: 'jwk' })` in a loop hangs
+// within a few thousand keys, this form did not in 20 000).
+function privateJwk(type, options) {
+  const { privateKey } = generateKeyPairSync(type, {
+    ...options,
+    publicKeyEncoding: { type: 'spki', format: 'pem' },
+    privateKeyEncoding: { type: 'pkcs8', format: 'pem' },
+  });
+  return createPrivateKey(privateKey).export({ format: 'jwk' });
+}
+
 function newSigningKeys() {
   const stamp = `${Date.now().toString(36)}-${randomBytes(3).toString('hex')}`;
-  const rsa = generateKeyPairSync('rsa', { modulusLength: 2048 }).privateKey.export({ format: 'jwk' });
-  const ec = generateKeyPairSync('ec', { namedCurve: 'P-256' }).privateKey.export({ format: 'jwk' });
+  const rsa = privateJwk('rsa', { modulusLength: 2048 });
+  const ec = privateJwk('ec', { namedCurve: 'P-256' });
   return [
     { ...rsa, kid: `rs256-${stamp}`, alg: 'RS256', use: 'sig' },
     { ...ec, kid: `es256-${stamp}`, alg: 'ES256', use: 'sig' },
