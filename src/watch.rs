@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use notify::{RecursiveMode, Watcher};
+use notify::event::{AccessKind, AccessMode};
+use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
 use crate::config::FileConfig;
@@ -27,6 +28,7 @@ pub fn spawn(path: PathBuf, loaded: &str, store: Arc<Store>) -> notify::Result<C
     let event_tx = tx.clone();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         if let Ok(event) = event
+            && may_change_content(&event.kind)
             && event
                 .paths
                 .iter()
@@ -107,6 +109,21 @@ pub fn spawn(path: PathBuf, loaded: &str, store: Arc<Store>) -> notify::Result<C
         }
     });
     Ok(ConfigWatcher { _watcher: watcher })
+}
+
+/// Whether an event can mean the file's content changed. Opening, reading and closing
+/// the file are events too (inotify's IN_OPEN, IN_ACCESS, IN_CLOSE_NOWRITE), and the
+/// reload check reads the file: reacting to them made each check schedule the next, so
+/// once anything had opened the file (`cat`, `portcullis validate`) the process re-read
+/// and hashed it every ~125 ms for good (a 20 MB config: 14 % of a core while idle,
+/// +20 MiB of RSS).
+/// A write is seen as a modification or as the writer closing the file.
+fn may_change_content(kind: &EventKind) -> bool {
+    match kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) => false,
+        _ => true,
+    }
 }
 
 /// Kubernetes updates a mounted ConfigMap by swapping the `..data` symlink.

@@ -562,3 +562,48 @@ async fn sigterm_turns_health_not_serving_and_a_watch_does_not_block_the_exit() 
         started.elapsed()
     );
 }
+
+/// Bytes the process has read so far (`rchar` in `/proc/PID/io`: files, sockets, pipes).
+fn bytes_read(pid: u32) -> u64 {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).expect("/proc/PID/io");
+    io.lines()
+        .find_map(|l| l.strip_prefix("rchar: "))
+        .and_then(|n| n.parse().ok())
+        .expect("rchar in /proc/PID/io")
+}
+
+/// Opening and reading the config file (`cat`, `portcullis validate`, a sidecar) is
+/// no change: portcullis once took those events for one and, as its own check reads
+/// the file, went on re-reading and hashing it every ~125 ms for good.
+#[tokio::test]
+async fn reading_the_config_file_is_not_taken_for_a_change() {
+    // Big enough (≈ 150 KB) that a single re-read shows in the bytes the process read.
+    let mut yaml = version(1);
+    for i in 0..4000 {
+        yaml.push_str(&format!(
+            "  - {{ id: filler-{i}, uri: \"/filler/{i}/*\" }}\n"
+        ));
+    }
+    let p = Portcullis::start(&yaml).await;
+    let size = std::fs::metadata(p.config_path())
+        .expect("config file")
+        .len();
+    assert!(size > 100_000, "the config file is {size} bytes");
+    let before = bytes_read(p.pid());
+    for _ in 0..3 {
+        std::fs::read_to_string(p.config_path()).expect("read the config file");
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let read = bytes_read(p.pid()) - before;
+    assert!(
+        read < size,
+        "portcullis read {read} bytes after its {size}-byte config file was only read by others"
+    );
+
+    // A real change is still seen.
+    p.rewrite_in_place(&version(2));
+    eventually(RELOAD_WAIT, "the rewritten file to be reloaded", || async {
+        p.output().contains("configuration reloaded")
+    })
+    .await;
+}
