@@ -105,7 +105,7 @@ impl CheckThreads {
             let serving = serving.clone();
             let (handoff, received) = mpsc::unbounded_channel::<Handoff>();
             let router = router();
-            let mut stop = stop.clone();
+            let stop = stop.clone();
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -119,12 +119,11 @@ impl CheckThreads {
                         let incoming = UnboundedReceiverStream::new(received).map(|h| {
                             TcpStream::from_std(h.socket).map(|io| Conn { io, _open: h.open })
                         });
-                        let stopped = async move {
-                            let _ = stop.wait_for(|s| *s).await;
-                        };
                         let mut all_done = serving.subscribe();
                         let done = Served(serving);
-                        let served = router.serve_with_incoming_shutdown(incoming, stopped).await;
+                        let served = router
+                            .serve_with_incoming_shutdown(incoming, crate::server::stopped(stop))
+                            .await;
                         drop(done);
                         let _ = all_done.wait_for(|n| *n == 0).await;
                         served

@@ -89,9 +89,6 @@ pub async fn serve(opts: Options) -> Result<(), ServeError> {
     config.consumers = Vec::new();
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let stopped = |mut rx: watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
 
     // gRPC: ext_authz, health, reflection.
     let (mut health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -221,4 +218,10 @@ async fn shutdown_signal() {
     {
         let _ = tokio::signal::ctrl_c().await;
     }
+}
+
+/// Resolves once `stop` turns true (or its sender is gone): the graceful-shutdown
+/// signal every front of the server is given.
+pub(crate) async fn stopped(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
 }
