@@ -10,6 +10,9 @@
 # rebuilds only portcullis itself.
 
 FROM rust:1-bookworm AS build
+# etcd-client generates its gRPC code with the system protoc at build time.
+RUN apt-get update && apt-get install -y --no-install-recommends protobuf-compiler libprotobuf-dev \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \

@@ -524,6 +524,22 @@ fn dockerfile_builds_a_non_root_image_with_the_three_ports() {
         "65532:65532",
         "the uid the Deployment's runAsUser names"
     );
+    // etcd-client's build script needs a system protoc and its well-known types
+    // (rust:*-bookworm has neither): a fresh `docker build`, like a fresh CI machine,
+    // fails without them.
+    let lock = std::fs::read_to_string(root().join("Cargo.lock")).unwrap();
+    if lock.contains("name = \"etcd-client\"") {
+        let ci = std::fs::read_to_string(root().join(".ci/run")).unwrap();
+        for (file, text) in [("Dockerfile", &dockerfile), (".ci/run", &ci)] {
+            let build = text.find("cargo ");
+            for package in ["protobuf-compiler", "libprotobuf-dev"] {
+                assert!(
+                    matches!((text.find(package), build), (Some(p), Some(b)) if p < b),
+                    "{file} installs {package} before it runs cargo"
+                );
+            }
+        }
+    }
     let ignore = std::fs::read_to_string(root().join(".dockerignore")).unwrap();
     for excluded in ["target", "node_modules", ".git"] {
         assert!(
