@@ -214,7 +214,7 @@ pub fn compile_consumer_plugin(
             let (key, cred) =
                 jwt_auth::Credential::compile(&conf).map_err(|e| PluginError::new(name, e))?;
             Ok(ConsumerPlugin::Auth(
-                (jwt_auth::PLUGIN, key.into_boxed_str()),
+                (jwt_auth::PLUGIN, key.into()),
                 ConsumerAuth::JwtAuth(cred),
             ))
         }

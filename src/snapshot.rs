@@ -10,6 +10,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use compact_str::CompactString;
 use dashmap::DashMap;
 use serde_json::Value;
 
@@ -39,9 +40,11 @@ pub struct Consumer {
     /// `labels.custom_id`, sent upstream as `X-Consumer-Custom-Id`. The other labels
     /// stay in the store's spec only: nothing at request time reads them, and a
     /// second map per consumer is most of a consumer's memory at 100k consumers.
-    pub custom_id: Option<Box<str>>,
-    /// Non-auth plugins (e.g. limit-count), in execution order.
-    pub plugins: Vec<Plugin>,
+    /// Inline up to 24 bytes: a boxed id was a 32-byte heap chunk per consumer.
+    pub custom_id: Option<CompactString>,
+    /// Non-auth plugins (e.g. limit-count), in execution order. A boxed slice, not a
+    /// `Vec`: it never grows, and the 8 bytes keep a consumer in an 80-byte chunk.
+    pub plugins: Box<[Plugin]>,
 }
 
 /// One way to authenticate as a consumer: a credential, or auth plugin settings
@@ -55,10 +58,12 @@ pub struct Credential {
 }
 
 /// Lookup key of a credential: the auth plugin and its key (e.g. jwt-auth `key`).
-pub type AuthKey = (&'static str, Box<str>);
+pub type AuthKey = (&'static str, CompactString);
 
-/// One auth plugin's credentials by their key.
-type KeyIndex = DashMap<Box<str>, Arc<Credential>>;
+/// One auth plugin's credentials by their key. Keys up to 24 bytes (APISIX's docs
+/// use `user-key`, `jack-key`) sit in the map's slot: a boxed key was one more heap
+/// chunk, 32 bytes, for each of 100k credentials.
+type KeyIndex = DashMap<CompactString, Arc<Credential>>;
 
 /// Whose auth keys [`Consumers::drop_keys`] removes.
 #[derive(Debug, Clone, Copy)]
@@ -257,12 +262,12 @@ pub fn compile_consumer(
         .labels
         .as_ref()
         .and_then(|l| l.get("custom_id"))
-        .map(|v| v.as_str().into());
+        .map(|v| CompactString::from(v.as_str()));
     Ok(CompiledConsumer {
         consumer: Arc::new(Consumer {
             username,
             custom_id,
-            plugins,
+            plugins: plugins.into_boxed_slice(),
         }),
         inline_credentials,
     })
@@ -293,5 +298,30 @@ pub fn compile_credential(
             "only supports auth type plugins in consumer credential",
         )
         .into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A consumer with a credential is kept 100k times at scale (docs/benchmarks.md):
+    /// each of these is one heap chunk per consumer, and glibc rounds a chunk (value,
+    /// `Arc` counts, 8-byte header) up to 16 bytes. A field that pushes one into the
+    /// next size costs 1.5 MiB there.
+    #[test]
+    fn per_consumer_values_stay_in_their_chunk_sizes() {
+        let chunk = |value: usize| (2 * size_of::<usize>() + value + 8).next_multiple_of(16);
+        assert_eq!(chunk(size_of::<Consumer>()), 80);
+        assert_eq!(chunk(size_of::<Credential>()), 96);
+        assert_eq!(
+            size_of::<Option<CompactString>>(),
+            size_of::<CompactString>()
+        );
+        // Keys and custom ids as long as APISIX's docs' examples (and scale.sh's) need
+        // no chunk of their own.
+        for short in ["user-key", "jack-key", "key99999", "c99999"] {
+            assert!(!CompactString::from(short).is_heap_allocated(), "{short}");
+        }
     }
 }
