@@ -4,7 +4,7 @@
 //! view → `router` matches an APISIX-style route → `pipeline` runs its `plugins` in
 //! priority order → `encode` builds the CheckResponse. Configuration comes from
 //! `config` and `store`, compiled by `snapshot` and swapped atomically in `runtime`.
-// One audited exception: `memory::release_free_memory` calls glibc's `malloc_trim`.
+// Audited exceptions, both in `memory`: glibc's `malloc_trim` and `mallopt`.
 #![deny(unsafe_code)]
 
 pub mod admin;

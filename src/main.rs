@@ -81,6 +81,7 @@ fn main() -> ExitCode {
             log_format,
             drain_timeout,
         } => {
+            portcullis::memory::keep_large_blocks_mapped();
             telemetry::init_logs(log_format);
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

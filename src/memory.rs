@@ -15,6 +15,33 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
+/// glibc's default mmap threshold for large blocks, fixed by [`keep_large_blocks_mapped`].
+const MMAP_THRESHOLD: i32 = 128 * 1024;
+
+/// Serves every block of 128 KiB or more from its own mapping, for the life of the
+/// process, unless the operator tuned it (`MALLOC_MMAP_THRESHOLD_`, `GLIBC_TUNABLES`).
+///
+/// glibc starts there but raises the threshold each time a mapped block is freed, up
+/// to 32 MiB, and its trim threshold with it. Loading the config frees hundreds of
+/// MB of such blocks, so afterwards the large blocks of every rebuild (a router's
+/// tables, a resized index) came from the heap and, freed between long-lived
+/// allocations, stayed resident: +3 MiB after 20 Admin writes at 100k consumers
+/// (docs/benchmarks.md, scale). No Check allocates a block that large.
+pub fn keep_large_blocks_mapped() {
+    let tuned = std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_some()
+        || std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("mmap_threshold"));
+    if tuned {
+        return;
+    }
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    #[allow(unsafe_code)]
+    // SAFETY: mallopt sets one allocator parameter under the allocator's lock; it has
+    // no preconditions, and a fixed M_MMAP_THRESHOLD in glibc's range is always valid.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
+    }
+}
+
 /// Returns free heap pages to the OS (glibc); a no-op with other allocators.
 pub fn release_free_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
