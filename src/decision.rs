@@ -64,6 +64,15 @@ impl Allow {
         }
     }
 
+    /// Forgets a value set earlier in the pipeline for a header portcullis owns (an
+    /// identity header, forward-auth's `upstream_headers`). No removal is sent:
+    /// [`Allow::scrub_owned`] removes the client's copy at the end of the pipeline, and
+    /// only when the client sent one. Envoy applies, validates and (with
+    /// `clear_route_cache`) re-routes on every mutation an answer carries.
+    pub fn forget_owned_upstream(&mut self, name: &str) {
+        self.upstream_set.retain(|(n, _)| n != name);
+    }
+
     /// Drops a header set earlier in the pipeline and removes the client's copy.
     pub fn unset_upstream(&mut self, name: &str) {
         self.upstream_set.retain(|(n, _)| n != name);

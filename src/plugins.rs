@@ -100,7 +100,7 @@ impl Ctx<'_> {
             Some(id) => self
                 .allow
                 .set_upstream("x-credential-identifier", id.clone()),
-            None => self.allow.unset_upstream("x-credential-identifier"),
+            None => self.allow.forget_owned_upstream("x-credential-identifier"),
         }
         match consumer
             .custom_id
@@ -110,7 +110,7 @@ impl Ctx<'_> {
             Some(custom) => self
                 .allow
                 .set_upstream("x-consumer-custom-id", custom.to_owned()),
-            None => self.allow.unset_upstream("x-consumer-custom-id"),
+            None => self.allow.forget_owned_upstream("x-consumer-custom-id"),
         }
         self.identity = Some(Identity {
             consumer,

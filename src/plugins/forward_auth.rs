@@ -542,7 +542,8 @@ fn apply(cx: &mut Ctx<'_>, allowed: &CachedAllow) {
     for (name, value) in &allowed.upstream {
         match value {
             Some(v) => cx.allow.set_upstream(name.clone(), v.clone()),
-            None => cx.allow.unset_upstream(name),
+            // An owned header (`upstream_headers`): a client's copy is scrubbed.
+            None => cx.allow.forget_owned_upstream(name),
         }
     }
     for (name, value) in &allowed.client {
