@@ -18,10 +18,13 @@ pub fn valid_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
 }
 
-/// APISIX's consumer username pattern (`^[a-zA-Z0-9_\-]+$`).
+/// APISIX's limit on a consumer's username (its schema's `maxLength`).
+const MAX_USERNAME: usize = 100;
+
+/// APISIX's consumer username pattern (`^[a-zA-Z0-9_\-]+$`, at most 100 characters).
 pub fn valid_username(name: &str) -> bool {
     !name.is_empty()
-        && name.len() <= 100
+        && name.len() <= MAX_USERNAME
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b))
@@ -277,9 +280,14 @@ impl RouteSpec {
 impl ConsumerSpec {
     pub fn check(&self) -> Result<(), SpecError> {
         if !valid_username(&self.username) {
+            let why = if self.username.len() > MAX_USERNAME {
+                format!("is longer than {MAX_USERNAME} characters")
+            } else {
+                "does not match ^[a-zA-Z0-9_\\-]+$".to_owned()
+            };
             return Err(SpecError::new(
                 "username",
-                format!("{:?} does not match ^[a-zA-Z0-9_\\-]+$", self.username),
+                format!("{:?} {why}", self.username),
             ));
         }
         if self.create_time.is_some() || self.update_time.is_some() {
@@ -366,5 +374,14 @@ mod tests {
         assert!(valid_username("jack_1-x"));
         assert!(!valid_username("jack.doe"));
         assert!(!valid_username(""));
+        assert!(valid_username(&"a".repeat(100)));
+
+        // The error names the rule that was broken.
+        let spec = |name: &str| -> ConsumerSpec {
+            serde_json::from_value(serde_json::json!({ "username": name })).unwrap()
+        };
+        let reason = |name: &str| spec(name).check().unwrap_err().reason;
+        assert!(reason(&"a".repeat(101)).ends_with("is longer than 100 characters"));
+        assert!(reason("jack.doe").ends_with("does not match ^[a-zA-Z0-9_\\-]+$"));
     }
 }
