@@ -206,3 +206,88 @@ async fn connections_are_spread_over_the_configured_grpc_threads() {
         );
     }
 }
+
+/// Write syscalls the gRPC threads have made so far (`syscw` in each
+/// `/proc/PID/task/TID/io`).
+fn grpc_thread_writes(p: &Portcullis) -> u64 {
+    let mut writes = 0;
+    for task in std::fs::read_dir(format!("/proc/{}/task", p.pid())).unwrap() {
+        let task = task.unwrap().path();
+        let Ok(name) = std::fs::read_to_string(task.join("comm")) else {
+            continue;
+        };
+        if name.starts_with("grpc-") {
+            let io = std::fs::read_to_string(task.join("io")).unwrap();
+            writes += io
+                .lines()
+                .find_map(|l| l.strip_prefix("syscw: "))
+                .and_then(|n| n.trim().parse::<u64>().ok())
+                .expect("syscw in /proc/PID/task/TID/io");
+        }
+    }
+    writes
+}
+
+/// An answer is written in one piece, trailers included, even when its message is
+/// too long for h2 to copy into its write buffer (over 255 bytes: here a consumer's
+/// long name and custom id; in production a forwarded access token or `X-Userinfo`). Sent in
+/// two writes, the trailers made a second TCP segment that Envoy woke up to read.
+#[tokio::test]
+async fn a_long_answer_leaves_in_one_write() {
+    use jsonwebtoken::{EncodingKey, Header, encode};
+    let username = "u".repeat(100);
+    let custom_id = "c".repeat(200);
+    let secret = "one-write-secret-0123456789abcdef";
+    let p = Portcullis::start(&format!(
+        r#"
+listen: {{ grpc_threads: 1 }}
+routes:
+  - {{ id: jwt, uri: /jwt/*, plugins: {{ jwt-auth: {{}} }} }}
+consumers:
+  - username: {username}
+    labels: {{ custom_id: {custom_id} }}
+    credentials:
+      - {{ id: one, plugins: {{ jwt-auth: {{ key: one-key, secret: {secret} }} }} }}
+"#
+    ))
+    .await;
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    let token = encode(
+        &Header::default(),
+        &serde_json::json!({ "key": "one-key", "exp": exp }),
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap();
+    let request = check("/jwt/x", &[("authorization", &token)]);
+    let mut c = client(&p).await;
+    let first = c.check(request.clone()).await.unwrap().into_inner();
+    assert!(
+        prost::Message::encoded_len(&first) > 255,
+        "the answer must be longer than h2 copies"
+    );
+    let Some(HttpResponse::OkResponse(ok)) = &first.http_response else {
+        panic!("allowed: {first:?}")
+    };
+    assert!(
+        ok.headers
+            .iter()
+            .filter_map(|h| h.header.as_ref())
+            .any(|h| h.key == "x-consumer-username" && h.value == username)
+    );
+
+    const CHECKS: u64 = 100;
+    let before = grpc_thread_writes(&p);
+    for _ in 0..CHECKS {
+        let answer = c.check(request.clone()).await.unwrap().into_inner();
+        assert_eq!(answer, first);
+    }
+    let writes = grpc_thread_writes(&p) - before;
+    assert!(
+        writes < CHECKS + CHECKS / 4,
+        "{writes} writes for {CHECKS} answers: the trailers left separately"
+    );
+}
