@@ -8,6 +8,8 @@
 //! headers are trusted here — unlike on the gRPC path — so this listener must be
 //! reachable only by the proxy. The decision is the same engine's: 200 carrying the
 //! headers to copy upstream (and to the client), or the denial as it is.
+// Every Check's future is built here: keep it small (clippy.toml).
+#![warn(clippy::large_futures)]
 use std::net::SocketAddr;
 
 use axum::body::{Body, Bytes};

@@ -1,6 +1,8 @@
 //! The gRPC front: Envoy's `envoy.service.auth.v3.Authorization`, the standard
 //! `grpc.health.v1.Health` for Kubernetes probes, and server reflection so grpcurl
 //! can find both without proto files.
+// Every Check's future is built here: keep it small (clippy.toml).
+#![warn(clippy::large_futures)]
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};

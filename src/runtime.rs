@@ -4,6 +4,8 @@
 //! `check` is the whole decision for one Envoy `CheckRequest`. It never fails: a
 //! malformed request, a panicking plugin, anything, becomes an explicit denial —
 //! an RPC error would hand the decision to Envoy's `failure_mode_allow`.
+// Every Check's future is built here: keep it small (clippy.toml).
+#![warn(clippy::large_futures)]
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
