@@ -14,8 +14,11 @@
 # (node tests/oidc/provider.mjs after `npm ci --prefix tests/oidc`; skipped without it).
 # wrk drives the listeners; h2load drives portcullis's gRPC Check
 # directly (content-type application/grpc, te: trailers, a length-prefixed
-# CheckRequest). Rows run interleaved (row 1..k, then again) and the table quotes the
-# median of --runs runs for req/s, p50, p99 and the CPU time per request that Envoy,
+# CheckRequest), with one stream per connection as wrk does, and for the no-plugin and
+# HS256 routes also as Envoy does: one connection per Envoy worker (--concurrency),
+# the connections' requests as concurrent streams on it. Rows run interleaved (row
+# 1..k, then again) and the table quotes the median of --runs runs for req/s, p50,
+# p99 and the CPU time per request that Envoy,
 # portcullis and nginx spent (user + system, from /proc; wrk/h2load not counted), so a
 # ratio can be traced to the process that spent the time. Rows whose plugin this portcullis
 # build does not support are skipped with a note. Exits non-zero if any row that ran
@@ -32,7 +35,7 @@ PORTCULLIS=""
 KEEP=0
 SMOKE=0
 
-usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --runs) RUNS=$2; shift 2 ;;
@@ -333,6 +336,16 @@ for r in "${ENABLED[@]}"; do
   base=grpc-noplugin
   add "grpc-$r" h2load "$WORK/body-$r.bin" "" "$base" "gRPC Check direct: $(label_of "$r")"
 done
+# What portcullis gets from Envoy: one HTTP/2 connection per Envoy worker, carrying
+# that worker's share of the concurrent requests as streams. The same Checks, in that
+# shape: fewer system calls per Check on both sides than one stream per connection.
+MUX_CONNECTIONS=$CONCURRENCY
+MUX_STREAMS=$(( (CONNECTIONS + CONCURRENCY - 1) / CONCURRENCY ))
+for r in noplugin jwt-hs; do
+  case " ${ENABLED[*]} " in *" $r "*) ;; *) continue ;; esac
+  add "mux-$r" h2load-mux "$WORK/body-$r.bin" "" mux-noplugin \
+    "gRPC Check direct, $MUX_CONNECTIONS × $MUX_STREAMS streams: $(label_of "$r")"
+done
 CHECK_URL="http://127.0.0.1:$GRPC_PORT/envoy.service.auth.v3.Authorization/Check"
 
 # One request per row before measuring: every row must be an allow, else its
@@ -399,7 +412,9 @@ run_row() { # id tool target header → "rps p50 p99 envoy_us portcullis_us ngin
     echo "$rps $p50 $p99 $(cpu_per_req "$before" "$after" "$n")" >>"$WORK/res-$id"
   else
     rm -f "$WORK/h2.log"
-    out=$(h2load -c "$CONNECTIONS" -m 1 -t "$THREADS" -D "$DURATION" --warm-up-time=1 \
+    local shape=(-c "$CONNECTIONS" -m 1)
+    [ "$tool" = h2load-mux ] && shape=(-c "$MUX_CONNECTIONS" -m "$MUX_STREAMS")
+    out=$(h2load "${shape[@]}" -t "$THREADS" -D "$DURATION" --warm-up-time=1 \
       -d "$target" -H 'content-type: application/grpc' -H 'te: trailers' \
       --log-file="$WORK/h2.log" "$CHECK_URL" 2>&1)
     local rps ok fail
@@ -458,7 +473,7 @@ for row in "${ROWS[@]}"; do
 done
 {
   echo "machine: $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')), load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
-  echo "Envoy $(envoy --version 2>/dev/null | sed -n 's/.*version: [^/]*\/\([0-9.]*\)\/.*/\1/p') --concurrency $CONCURRENCY; wrk -t $THREADS -c $CONNECTIONS; h2load -t $THREADS -c $CONNECTIONS -m 1; ${DURATION}s per run, median of $RUNS run(s), rows interleaved"
+  echo "Envoy $(envoy --version 2>/dev/null | sed -n 's/.*version: [^/]*\/\([0-9.]*\)\/.*/\1/p') --concurrency $CONCURRENCY; wrk -t $THREADS -c $CONNECTIONS; h2load -t $THREADS -c $CONNECTIONS -m 1 (Envoy's shape: -c $MUX_CONNECTIONS -m $MUX_STREAMS); ${DURATION}s per run, median of $RUNS run(s), rows interleaved"
   echo "portcullis: $PORTCULLIS"
 } >"$WORK/machine.txt"
 python3 - "$WORK/rows.tsv" "$WORK/machine.txt" <<'EOF' || status=$?
@@ -508,6 +523,9 @@ for text, a, b, target in checks:
 if "grpc-jwt-hs" in med:
     v = med["grpc-jwt-hs"][0]
     print(f"direct Check jwt-auth HS256: {v:.0f} req/s (target ≥ 100000: {'met' if v >= 100000 else 'MISSED'})")
+if "mux-jwt-hs" in med:
+    v = med["mux-jwt-hs"][0]
+    print(f"direct Check jwt-auth HS256, Envoy's shape: {v:.0f} req/s (target ≥ 100000: {'met' if v >= 100000 else 'MISSED'})")
 if bad:
     print("\nrows without numbers: " + ", ".join(bad), file=sys.stderr)
     sys.exit(1)

@@ -61,6 +61,8 @@ fn load_script_smoke_pass_produces_every_row() {
         "Envoy + portcullis: no-plugin route",
         "Envoy + portcullis: no-plugin route, with the token",
         "gRPC Check direct: no-plugin route",
+        // The same Checks as Envoy sends them: a connection per worker, many streams.
+        "streams: no-plugin route",
     ] {
         let row = rows
             .iter()
