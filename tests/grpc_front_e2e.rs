@@ -163,8 +163,8 @@ async fn reflection_lists_ext_authz_and_health() {
     );
 }
 
-/// CPU time each gRPC thread has run, by thread (`/proc/PID/task/*/schedstat`, ns).
-fn grpc_thread_cpu(p: &Portcullis) -> Vec<u64> {
+/// The gRPC threads' `/proc/PID/task/TID` directories, in thread order.
+fn grpc_threads(p: &Portcullis) -> Vec<std::path::PathBuf> {
     let mut threads = Vec::new();
     for task in std::fs::read_dir(format!("/proc/{}/task", p.pid())).unwrap() {
         let task = task.unwrap().path();
@@ -172,13 +172,22 @@ fn grpc_thread_cpu(p: &Portcullis) -> Vec<u64> {
             continue;
         };
         if let Some(index) = name.trim().strip_prefix("grpc-") {
-            let stat = std::fs::read_to_string(task.join("schedstat")).unwrap();
-            let ran: u64 = stat.split_whitespace().next().unwrap().parse().unwrap();
-            threads.push((index.parse::<usize>().unwrap(), ran));
+            threads.push((index.parse::<usize>().unwrap(), task));
         }
     }
     threads.sort();
-    threads.into_iter().map(|(_, ran)| ran).collect()
+    threads.into_iter().map(|(_, task)| task).collect()
+}
+
+/// CPU time each gRPC thread has run, by thread (`schedstat`, ns).
+fn grpc_thread_cpu(p: &Portcullis) -> Vec<u64> {
+    grpc_threads(p)
+        .iter()
+        .map(|task| {
+            let stat = std::fs::read_to_string(task.join("schedstat")).unwrap();
+            stat.split_whitespace().next().unwrap().parse().unwrap()
+        })
+        .collect()
 }
 
 /// Envoy keeps one HTTP/2 connection per worker: with `listen.grpc_threads: 2`, two
@@ -207,31 +216,19 @@ async fn connections_are_spread_over_the_configured_grpc_threads() {
     }
 }
 
-/// Write syscalls the gRPC threads have made so far (`syscw` in each
-/// `/proc/PID/task/TID/io`).
+/// Write syscalls the gRPC threads have made so far (`syscw` in each thread's `io`).
 fn grpc_thread_writes(p: &Portcullis) -> u64 {
-    let mut writes = 0;
-    for task in std::fs::read_dir(format!("/proc/{}/task", p.pid())).unwrap() {
-        let task = task.unwrap().path();
-        let Ok(name) = std::fs::read_to_string(task.join("comm")) else {
-            continue;
-        };
-        if name.starts_with("grpc-") {
-            let io = std::fs::read_to_string(task.join("io")).unwrap();
-            writes += io
-                .lines()
-                .find_map(|l| l.strip_prefix("syscw: "))
-                .and_then(|n| n.trim().parse::<u64>().ok())
-                .expect("syscw in /proc/PID/task/TID/io");
-        }
-    }
-    writes
+    grpc_threads(p)
+        .iter()
+        .map(|task| common::io_counter(&task.join("io"), "syscw"))
+        .sum()
 }
 
 /// An answer is written in one piece, trailers included, even when its message is
 /// too long for h2 to copy into its write buffer (over 255 bytes: here a consumer's
-/// long name and custom id; in production a forwarded access token or `X-Userinfo`). Sent in
-/// two writes, the trailers made a second TCP segment that Envoy woke up to read.
+/// long name and custom id; in production a forwarded access token or `X-Userinfo`).
+/// Sent in two writes, the trailers made a second TCP segment that Envoy woke up to
+/// read.
 #[tokio::test]
 async fn a_long_answer_leaves_in_one_write() {
     use jsonwebtoken::{EncodingKey, Header, encode};

@@ -565,11 +565,7 @@ async fn sigterm_turns_health_not_serving_and_a_watch_does_not_block_the_exit() 
 
 /// Bytes the process has read so far (`rchar` in `/proc/PID/io`: files, sockets, pipes).
 fn bytes_read(pid: u32) -> u64 {
-    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).expect("/proc/PID/io");
-    io.lines()
-        .find_map(|l| l.strip_prefix("rchar: "))
-        .and_then(|n| n.parse().ok())
-        .expect("rchar in /proc/PID/io")
+    common::io_counter(std::path::Path::new(&format!("/proc/{pid}/io")), "rchar")
 }
 
 /// Opening and reading the config file (`cat`, `portcullis validate`, a sidecar) is

@@ -23,6 +23,7 @@ pub mod redis;
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::net::TcpListener;
+use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -47,6 +48,16 @@ pub const ENVOY_HTTP: &str = "envoy/envoy-http-authz.yaml";
 
 /// A loopback port that was free a moment ago and that this test process has not handed
 /// out before (tests in one binary run in parallel).
+/// A counter of a `/proc/.../io` file (a process's or one thread's): `rchar`,
+/// `syscw`, ….
+pub fn io_counter(io: &Path, name: &str) -> u64 {
+    let text = std::fs::read_to_string(io).unwrap_or_else(|e| panic!("{}: {e}", io.display()));
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(": "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {}", io.display()))
+}
+
 pub fn free_port() -> u16 {
     static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
     for _ in 0..200 {
