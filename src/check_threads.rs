@@ -22,23 +22,19 @@ use std::task::{Context, Poll};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use futures::StreamExt;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::UnboundedReceiverStream;
-use tonic::transport::server::{Connected, Router, TcpConnectInfo};
+
+use crate::grpc::Front;
 
 /// Why the gRPC front could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum ThreadsError {
     #[error("cannot start gRPC thread {index}: {source}")]
     Spawn { index: usize, source: io::Error },
-    #[error("gRPC thread {index} failed: {source}")]
-    Serve {
-        index: usize,
-        source: tonic::transport::Error,
-    },
     #[error("gRPC thread {index} panicked")]
     Panicked { index: usize },
 }
@@ -55,7 +51,7 @@ struct Thread {
     /// thread with the fewest.
     open: Arc<AtomicUsize>,
     handoff: mpsc::UnboundedSender<Handoff>,
-    handle: JoinHandle<Result<(), tonic::transport::Error>>,
+    handle: JoinHandle<()>,
 }
 
 struct Handoff {
@@ -87,12 +83,11 @@ pub struct CheckThreads {
 }
 
 impl CheckThreads {
-    /// Starts `count` threads, each serving what `router` builds for it until `stop`
-    /// turns true; they then finish their in-flight Checks and close their connections
-    /// gracefully (GOAWAY), as tonic's own graceful shutdown does.
+    /// Starts `count` threads, each serving `front` until `stop` turns true; they then
+    /// finish their in-flight Checks and close their connections gracefully (GOAWAY).
     pub fn start(
         count: usize,
-        mut router: impl FnMut() -> Router,
+        front: Front,
         stop: watch::Receiver<bool>,
     ) -> Result<CheckThreads, ThreadsError> {
         let count = count.max(1);
@@ -104,7 +99,7 @@ impl CheckThreads {
         for index in 0..count {
             let serving = serving.clone();
             let (handoff, received) = mpsc::unbounded_channel::<Handoff>();
-            let router = router();
+            let front = front.clone();
             let stop = stop.clone();
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -114,19 +109,11 @@ impl CheckThreads {
                 .name(format!("grpc-{index}"))
                 .spawn(move || {
                     runtime.block_on(async move {
-                        // Registering with this thread's reactor must happen on this
-                        // thread, so the socket crosses over as a std socket.
-                        let incoming = UnboundedReceiverStream::new(received).map(|h| {
-                            TcpStream::from_std(h.socket).map(|io| Conn { io, _open: h.open })
-                        });
                         let mut all_done = serving.subscribe();
                         let done = Served(serving);
-                        let served = router
-                            .serve_with_incoming_shutdown(incoming, crate::server::stopped(stop))
-                            .await;
+                        serve(front, received, stop).await;
                         drop(done);
                         let _ = all_done.wait_for(|n| *n == 0).await;
-                        served
                     })
                 })
                 .map_err(|source| ThreadsError::Spawn { index, source })?;
@@ -210,8 +197,7 @@ impl CheckThreads {
         for (index, thread) in self.threads.into_iter().enumerate() {
             drop(thread.handoff);
             let result = match tokio::task::spawn_blocking(move || thread.handle.join()).await {
-                Ok(Ok(Ok(()))) => Ok(()),
-                Ok(Ok(Err(source))) => Err(ThreadsError::Serve { index, source }),
+                Ok(Ok(())) => Ok(()),
                 Ok(Err(_)) | Err(_) => Err(ThreadsError::Panicked { index }),
             };
             if first.is_ok() {
@@ -220,6 +206,53 @@ impl CheckThreads {
         }
         first
     }
+}
+
+/// One thread's server: serves the connections handed to it over HTTP/2 until `stop`
+/// turns true, then sends each a GOAWAY and waits until their in-flight requests are
+/// answered and the client has closed them, as tonic's graceful shutdown does.
+async fn serve(
+    front: Front,
+    mut received: mpsc::UnboundedReceiver<Handoff>,
+    stop: watch::Receiver<bool>,
+) {
+    // tonic's defaults, which served Checks before (change 38): no limit on
+    // concurrent streams (Envoy multiplexes every worker's Checks on one connection),
+    // and the adaptive flow-control window portcullis has always asked for.
+    let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    http2
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(None)
+        .adaptive_window(true);
+    let graceful = GracefulShutdown::new();
+    let stopped = crate::server::stopped(stop);
+    tokio::pin!(stopped);
+    loop {
+        let handoff = tokio::select! {
+            handoff = received.recv() => handoff,
+            _ = &mut stopped => break,
+        };
+        let Some(Handoff { socket, open }) = handoff else {
+            break;
+        };
+        // Registering with this thread's reactor must happen on this thread, so the
+        // socket crosses over as a std socket.
+        let io = match TcpStream::from_std(socket) {
+            Ok(io) => io,
+            Err(e) => {
+                tracing::debug!(error = %e, "gRPC thread: cannot take a connection");
+                continue;
+            }
+        };
+        let conn = http2.serve_connection(TokioIo::new(Conn { io, _open: open }), front.clone());
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "gRPC connection ended with an error");
+            }
+        });
+    }
+    graceful.shutdown().await;
 }
 
 /// Errors of the one connection being accepted, which the next accept does not share.
@@ -244,14 +277,6 @@ fn prepare(socket: TcpStream) -> io::Result<StdTcpStream> {
 struct Conn {
     io: TcpStream,
     _open: OpenGuard,
-}
-
-impl Connected for Conn {
-    type ConnectInfo = TcpConnectInfo;
-
-    fn connect_info(&self) -> TcpConnectInfo {
-        self.io.connect_info()
-    }
 }
 
 impl AsyncRead for Conn {
@@ -297,7 +322,9 @@ impl AsyncWrite for Conn {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tonic::transport::{Endpoint, Server};
+    use crate::runtime::Runtime;
+    use tonic::service::Routes;
+    use tonic::transport::Endpoint;
     use tonic_health::pb::HealthCheckRequest;
     use tonic_health::pb::health_client::HealthClient;
 
@@ -320,7 +347,7 @@ mod tests {
         let threads = Arc::new(
             CheckThreads::start(
                 3,
-                || Server::builder().add_service(health.clone()),
+                Front::new(Arc::new(Runtime::default()), Routes::new(health)),
                 stop_rx.clone(),
             )
             .unwrap(),

@@ -3,6 +3,7 @@
 //! can find both without proto files.
 // Every Check's future is built here: keep it small (clippy.toml).
 #![warn(clippy::large_futures)]
+use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
@@ -11,7 +12,9 @@ use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 
 use envoy_types::pb::envoy::service::auth::v3::CheckResponse;
-use tonic::codegen::{Body, BoxFuture, Service, StdError, http};
+use hyper::body::Incoming;
+use tonic::codegen::{Body, BoxFuture, Service, http};
+use tonic::service::Routes;
 use tonic::{Request, Response, Status};
 
 use crate::runtime::Runtime;
@@ -27,53 +30,63 @@ pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 
 const CHECK_PATH: &str = "/envoy.service.auth.v3.Authorization/Check";
 
-/// `envoy.service.auth.v3.Authorization` as tonic's generated server would serve it,
-/// except that the request decodes into [`crate::wire::CheckRequest`] (slices of the
-/// received frame) instead of `envoy-types`' owned message.
+/// What every gRPC connection serves: `Check` goes straight to the decision, anything
+/// else (health, reflection, unknown methods) through tonic's router.
+///
+/// Why `Check` does not go through tonic's server as well: for every request that
+/// server clones a boxed service, copies the peer's address into the request's
+/// extensions, runs the `grpc-timeout` layer and matches the path in axum's router —
+/// about half of a Check's allocations, and none of it needed here. Envoy enforces
+/// its own ext_authz timeout by resetting the stream, which drops the Check's future
+/// (docs/benchmarks.md, change 38).
 #[derive(Clone)]
-pub struct AuthService {
+pub struct Front {
     runtime: Arc<Runtime>,
+    others: Routes,
 }
 
-impl AuthService {
-    pub fn server(runtime: Arc<Runtime>) -> AuthService {
-        AuthService { runtime }
-    }
-}
-
-impl tonic::server::NamedService for AuthService {
-    const NAME: &'static str = SERVICE_NAME;
-}
-
-impl<B> Service<http::Request<B>> for AuthService
-where
-    B: Body + Send + 'static,
-    B::Error: Into<StdError> + Send + 'static,
-{
-    type Response = http::Response<tonic::body::Body>;
-    type Error = std::convert::Infallible;
-    type Future = BoxFuture<Self::Response, Self::Error>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        if req.uri().path() != CHECK_PATH {
-            return Box::pin(async { Ok(Status::unimplemented("").into_http()) });
+impl Front {
+    pub fn new(runtime: Arc<Runtime>, others: Routes) -> Front {
+        Front {
+            runtime,
+            others: others.prepare(),
         }
+    }
+
+    /// `envoy.service.auth.v3.Authorization/Check` as tonic's generated server would
+    /// serve it, except that the request decodes into [`crate::wire::CheckRequest`]
+    /// (slices of the received frame) instead of `envoy-types`' owned message.
+    fn check(
+        &self,
+        req: http::Request<Incoming>,
+    ) -> BoxFuture<http::Response<FrontBody>, Infallible> {
         let check = Check(self.runtime.clone());
+        // tonic's unary future (1.8 KB) is the bulk of this one, which is boxed: it
+        // is allocated once per Check, not copied through the callers' futures.
+        #[allow(clippy::large_futures)]
         Box::pin(async move {
             let codec = tonic_prost::ProstCodec::<CheckResponse, CheckRequest>::default();
             let mut grpc = tonic::server::Grpc::new(codec)
                 .apply_max_message_size_config(Some(MAX_MESSAGE_BYTES), Some(MAX_MESSAGE_BYTES));
-            Ok(grpc.unary(check, req).await.map(|body| {
-                tonic::body::Body::new(SmallFrames {
-                    inner: body,
-                    rest: Bytes::new(),
-                })
-            }))
+            Ok(grpc.unary(check, req).await.map(SmallFrames::new))
         })
+    }
+}
+
+/// The body of every answer on a gRPC connection.
+pub type FrontBody = SmallFrames<tonic::body::Body>;
+
+impl hyper::service::Service<http::Request<Incoming>> for Front {
+    type Response = http::Response<FrontBody>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Infallible>;
+
+    fn call(&self, req: http::Request<Incoming>) -> Self::Future {
+        if req.uri().path() == CHECK_PATH {
+            return self.check(req);
+        }
+        let answer = self.others.clone().call(req);
+        Box::pin(async move { Ok(answer.await?.map(SmallFrames::new)) })
     }
 }
 
@@ -94,9 +107,18 @@ const MAX_CUT_MESSAGE: usize = 8 * 1024;
 /// Cuts the answer's message, up to [`MAX_CUT_MESSAGE`] bytes, into DATA frames of at
 /// most [`MAX_DATA_FRAME`] bytes (slices of one buffer, nothing copied); trailers and
 /// longer messages pass through.
-struct SmallFrames<B> {
+pub struct SmallFrames<B> {
     inner: B,
     rest: Bytes,
+}
+
+impl<B> SmallFrames<B> {
+    fn new(inner: B) -> SmallFrames<B> {
+        SmallFrames {
+            inner,
+            rest: Bytes::new(),
+        }
+    }
 }
 
 impl<B> Body for SmallFrames<B>

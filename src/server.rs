@@ -14,7 +14,7 @@ use tonic_health::ServingStatus;
 
 use crate::check_threads::{self, CheckThreads};
 use crate::config::{ConfigError, DEFAULT_CONFIG, FileConfig, StoreKind};
-use crate::grpc::{AuthService, EXT_AUTHZ_DESCRIPTOR, SERVICE_NAME};
+use crate::grpc::{EXT_AUTHZ_DESCRIPTOR, Front, SERVICE_NAME};
 use crate::runtime::Runtime;
 use crate::store::{LoadError, Store};
 use crate::{admin, http, telemetry, watch as config_watch};
@@ -106,20 +106,15 @@ pub async fn serve(opts: Options) -> Result<(), ServeError> {
     };
     let reflection = reflection_builder().build_v1()?;
     let reflection_alpha = reflection_builder().build_v1alpha()?;
-    let auth = AuthService::server(runtime.clone());
+    let others = tonic::service::Routes::new(health_service)
+        .add_service(reflection)
+        .add_service(reflection_alpha);
     let threads = CheckThreads::start(
         config
             .listen
             .grpc_threads
             .map_or_else(check_threads::default_count, |n| n.get()),
-        || {
-            tonic::transport::Server::builder()
-                .http2_adaptive_window(Some(true))
-                .add_service(health_service.clone())
-                .add_service(reflection.clone())
-                .add_service(reflection_alpha.clone())
-                .add_service(auth.clone())
-        },
+        Front::new(runtime.clone(), others),
         stop_rx.clone(),
     )?;
     let grpc = tokio::spawn(threads.serve(grpc_listener, stop_rx.clone()));

@@ -10,7 +10,7 @@ use common::Portcullis;
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
 use envoy_types::pb::envoy::service::auth::v3::{
-    AttributeContext, CheckRequest, attribute_context,
+    AttributeContext, CheckRequest, CheckResponse, attribute_context,
 };
 use tokio_stream::StreamExt;
 use tonic_reflection::pb::v1::ServerReflectionRequest;
@@ -286,5 +286,97 @@ consumers:
     assert!(
         writes < CHECKS + CHECKS / 4,
         "{writes} writes for {CHECKS} answers: the trailers left separately"
+    );
+}
+
+/// Health and reflection share the connection with Check; any other method is the
+/// standard UNIMPLEMENTED, never a broken stream or connection.
+#[tokio::test]
+async fn an_unknown_method_is_unimplemented() {
+    let p = Portcullis::start(CONFIG).await;
+    let channel = tonic::transport::Endpoint::from_shared(p.grpc_endpoint())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    for path in [
+        "/envoy.service.auth.v3.Authorization/Nope",
+        "/envoy.service.auth.v2.Authorization/Check",
+        "/no.such.Service/Check",
+    ] {
+        let mut grpc = tonic::client::Grpc::new(channel.clone());
+        grpc.ready().await.unwrap();
+        let codec = tonic_prost::ProstCodec::<CheckRequest, CheckResponse>::default();
+        let status = grpc
+            .unary(
+                tonic::Request::new(check("/open/x", &[])),
+                http::uri::PathAndQuery::from_static(path),
+                codec,
+            )
+            .await
+            .expect_err(path);
+        assert_eq!(
+            status.code(),
+            tonic::Code::Unimplemented,
+            "{path}: {status:?}"
+        );
+    }
+    // The same connection still answers Checks.
+    let mut c = AuthorizationClient::new(channel);
+    let resp = c.check(check("/open/x", &[])).await.unwrap().into_inner();
+    assert_eq!(resp.status.unwrap().code, 0);
+}
+
+/// A Check its client gives up on (Envoy's ext_authz timeout resets the stream) is
+/// dropped at once, and with it the call it was waiting on: nothing keeps working
+/// for an answer nobody will read.
+#[tokio::test]
+async fn a_check_the_client_gives_up_on_stops_its_outbound_call() {
+    let auth = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let auth_addr = auth.local_addr().unwrap();
+    let p = Portcullis::start(&format!(
+        r#"
+routes:
+  - id: fwd
+    uri: /fwd/*
+    plugins:
+      forward-auth: {{ uri: "http://{auth_addr}/verify", timeout: 60000 }}
+"#
+    ))
+    .await;
+    let mut c = client(&p).await;
+    let mut request = tonic::Request::new(check("/fwd/x", &[]));
+    request.set_timeout(std::time::Duration::from_millis(300));
+    let call = tokio::spawn(async move { c.check(request).await });
+
+    // The auth service takes the request and never answers.
+    let (mut socket, _) = tokio::time::timeout(std::time::Duration::from_secs(10), auth.accept())
+        .await
+        .expect("portcullis calls the auth service")
+        .unwrap();
+    let status = call.await.unwrap().expect_err("the client gave up");
+    assert!(
+        matches!(
+            status.code(),
+            tonic::Code::Cancelled | tonic::Code::DeadlineExceeded
+        ),
+        "{status:?}"
+    );
+
+    // Portcullis closes its connection to the auth service well before the plugin's
+    // own 60 s timeout.
+    let mut buf = vec![0u8; 4096];
+    let closed = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        loop {
+            match tokio::io::AsyncReadExt::read(&mut socket, &mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => continue,
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "the abandoned Check kept its auth call open"
     );
 }
