@@ -218,12 +218,14 @@ async fn serve(
 ) {
     // tonic's defaults, which served Checks before (change 38): no limit on
     // concurrent streams (Envoy multiplexes every worker's Checks on one connection),
-    // and the adaptive flow-control window portcullis has always asked for.
+    // and the adaptive flow-control window portcullis has always asked for. No `date`
+    // header: gRPC does not use it, and Envoy would decode it on every answer.
     let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     http2
         .timer(TokioTimer::new())
         .max_concurrent_streams(None)
-        .adaptive_window(true);
+        .adaptive_window(true)
+        .auto_date_header(false);
     let graceful = GracefulShutdown::new();
     let stopped = crate::server::stopped(stop);
     tokio::pin!(stopped);

@@ -79,7 +79,7 @@ async fn every_check_gets_a_decision_never_an_rpc_error() {
     assert_eq!(denied.body, r#"{"message":"404 Route Not Found"}"#);
 
     // Allowed, and a spoofed identity header (underscore spelling too) is removed.
-    let resp = c
+    let answer = c
         .check(check(
             "/open/x",
             &[
@@ -88,8 +88,14 @@ async fn every_check_gets_a_decision_never_an_rpc_error() {
             ],
         ))
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
+    // Nothing gRPC does not use: Envoy would decode it on every answer.
+    assert!(
+        answer.metadata().get("date").is_none(),
+        "{:?}",
+        answer.metadata()
+    );
+    let resp = answer.into_inner();
     assert_eq!(resp.status.unwrap().code, 0);
     let Some(HttpResponse::OkResponse(ok)) = resp.http_response else {
         panic!("ok response")
