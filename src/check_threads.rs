@@ -15,16 +15,13 @@
 //! registered with its thread's own reactor, so its readiness wakes only that thread.
 use std::io;
 use std::net::TcpStream as StdTcpStream;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::task::{Context, Poll};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 
@@ -246,12 +243,13 @@ async fn serve(
                 continue;
             }
         };
-        let conn = http2.serve_connection(TokioIo::new(Conn { io, _open: open }), front.clone());
-        let conn = graceful.watch(conn);
+        let conn = graceful.watch(http2.serve_connection(TokioIo::new(io), front.clone()));
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "gRPC connection ended with an error");
             }
+            // The connection is closed: it no longer counts on this thread.
+            drop(open);
         });
     }
     graceful.shutdown().await;
@@ -273,52 +271,6 @@ fn connection_gone(e: &io::Error) -> bool {
 fn prepare(socket: TcpStream) -> io::Result<StdTcpStream> {
     socket.set_nodelay(true)?;
     socket.into_std()
-}
-
-/// An accepted connection, counted on its thread while it is open.
-struct Conn {
-    io: TcpStream,
-    _open: OpenGuard,
-}
-
-impl AsyncRead for Conn {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Conn {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
 }
 
 #[cfg(test)]

@@ -212,13 +212,10 @@ mod tests {
     async fn cut(message: &[u8]) -> (Vec<Option<usize>>, Vec<u8>) {
         let mut trailers = http::HeaderMap::new();
         trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
-        let mut body = SmallFrames {
-            inner: Frames(VecDeque::from([
-                Frame::data(Bytes::copy_from_slice(message)),
-                Frame::trailers(trailers),
-            ])),
-            rest: Bytes::new(),
-        };
+        let mut body = SmallFrames::new(Frames(VecDeque::from([
+            Frame::data(Bytes::copy_from_slice(message)),
+            Frame::trailers(trailers),
+        ])));
         assert_eq!(body.size_hint().exact(), Some(message.len() as u64));
         let (mut shape, mut bytes) = (Vec::new(), Vec::new());
         while let Some(frame) =

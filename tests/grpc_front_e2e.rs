@@ -45,10 +45,17 @@ fn check(path: &str, headers: &[(&str, &str)]) -> CheckRequest {
     }
 }
 
-async fn client(p: &Portcullis) -> AuthorizationClient<tonic::transport::Channel> {
-    AuthorizationClient::connect(p.grpc_endpoint())
+/// One HTTP/2 connection to portcullis's gRPC front, for any of its services.
+async fn channel(p: &Portcullis) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::from_shared(p.grpc_endpoint())
+        .expect("endpoint")
+        .connect()
         .await
         .expect("connect to portcullis gRPC")
+}
+
+async fn client(p: &Portcullis) -> AuthorizationClient<tonic::transport::Channel> {
+    AuthorizationClient::new(channel(p).await)
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20)
 }
@@ -120,12 +127,7 @@ async fn every_check_gets_a_decision_never_an_rpc_error() {
 #[tokio::test]
 async fn reflection_lists_ext_authz_and_health() {
     let p = Portcullis::start(CONFIG).await;
-    let channel = tonic::transport::Endpoint::from_shared(p.grpc_endpoint())
-        .expect("endpoint")
-        .connect()
-        .await
-        .expect("connect");
-    let mut client = ServerReflectionClient::new(channel);
+    let mut client = ServerReflectionClient::new(channel(&p).await);
     let request = ServerReflectionRequest {
         host: String::new(),
         message_request: Some(MessageRequest::ListServices(String::new())),
@@ -300,11 +302,7 @@ consumers:
 #[tokio::test]
 async fn an_unknown_method_is_unimplemented() {
     let p = Portcullis::start(CONFIG).await;
-    let channel = tonic::transport::Endpoint::from_shared(p.grpc_endpoint())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = channel(&p).await;
     for path in [
         "/envoy.service.auth.v3.Authorization/Nope",
         "/envoy.service.auth.v2.Authorization/Check",

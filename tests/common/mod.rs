@@ -46,8 +46,6 @@ pub const ENVOY_ROUTE_ID: &str = "envoy/envoy-route-id.yaml";
 /// The front proxy using Envoy's HTTP ext_authz mode against portcullis's `/auth`.
 pub const ENVOY_HTTP: &str = "envoy/envoy-http-authz.yaml";
 
-/// A loopback port that was free a moment ago and that this test process has not handed
-/// out before (tests in one binary run in parallel).
 /// A counter of a `/proc/.../io` file (a process's or one thread's): `rchar`,
 /// `syscw`, ….
 pub fn io_counter(io: &Path, name: &str) -> u64 {
@@ -58,6 +56,8 @@ pub fn io_counter(io: &Path, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {name} in {}", io.display()))
 }
 
+/// A loopback port that was free a moment ago and that this test process has not handed
+/// out before (tests in one binary run in parallel).
 pub fn free_port() -> u16 {
     static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
     for _ in 0..200 {
