@@ -384,3 +384,133 @@ routes:
         "the abandoned Check kept its auth call open"
     );
 }
+
+/// A request body sent as the given DATA frames.
+struct Frames(std::collections::VecDeque<bytes::Bytes>);
+
+impl http_body::Body for Frames {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, tonic::Status>>> {
+        std::task::Poll::Ready(self.0.pop_front().map(|d| Ok(http_body::Frame::data(d))))
+    }
+}
+
+/// Sends `frames` as the body of a Check call and returns the gRPC status code of the
+/// answer (from the headers of a trailers-only answer, else from its trailers) and
+/// the answer's bytes.
+async fn raw_check(
+    channel: &tonic::transport::Channel,
+    frames: Vec<Vec<u8>>,
+    encoding: Option<&str>,
+) -> (String, Vec<u8>) {
+    use http_body::Body as _;
+    use tower::ServiceExt as _;
+    let mut req = http::Request::post(format!(
+        "http://portcullis{}",
+        "/envoy.service.auth.v3.Authorization/Check"
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers");
+    if let Some(encoding) = encoding {
+        req = req.header("grpc-encoding", encoding);
+    }
+    let body = Frames(frames.into_iter().map(bytes::Bytes::from).collect());
+    let req = req.body(tonic::body::Body::new(body)).unwrap();
+    let resp = channel
+        .clone()
+        .oneshot(req)
+        .await
+        .expect("an HTTP/2 answer");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "application/grpc");
+    // As tonic answers: a client that trusts a content-length stops before the trailers.
+    assert!(!resp.headers().contains_key("content-length"));
+    if let Some(status) = resp.headers().get("grpc-status") {
+        return (status.to_str().unwrap().to_owned(), Vec::new());
+    }
+    let mut body = resp.into_body();
+    let (mut bytes, mut status) = (Vec::new(), None);
+    while let Some(frame) =
+        std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await
+    {
+        match frame.unwrap().into_data() {
+            Ok(data) => bytes.extend_from_slice(&data),
+            Err(frame) => {
+                status = Some(
+                    frame.trailers_ref().unwrap()["grpc-status"]
+                        .to_str()
+                        .unwrap()
+                        .to_owned(),
+                )
+            }
+        }
+    }
+    (status.expect("trailers with grpc-status"), bytes)
+}
+
+fn framed(flag: u8, message: &[u8]) -> Vec<u8> {
+    let mut out = vec![flag];
+    out.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    out.extend_from_slice(message);
+    out
+}
+
+/// Check's gRPC framing as a client may send it: the message in several DATA frames
+/// is read whole; a body that is not one plain CheckRequest (compressed, cut short,
+/// two messages, over the size limit, not protobuf) is an RPC error with the code
+/// tonic's server would give, which Envoy turns into `status_on_error`; and none of
+/// them breaks the connection for the Checks after it.
+#[tokio::test]
+async fn a_check_body_is_one_plain_message_or_an_rpc_error() {
+    use prost::Message as _;
+    let p = Portcullis::start(CONFIG).await;
+    let channel = channel(&p).await;
+    let message = check("/open/x", &[("x-a", "1")]).encode_to_vec();
+    let wire = framed(0, &message);
+
+    let (status, whole) = raw_check(&channel, vec![wire.clone()], None).await;
+    assert_eq!(status, "0");
+    let answer = CheckResponse::decode(&whole[5..]).unwrap();
+    assert_eq!(answer.status.unwrap().code, 0);
+    for cut in [1, 4, 5, 6, wire.len() - 1] {
+        let (a, b) = wire.split_at(cut);
+        let (status, bytes) = raw_check(&channel, vec![a.to_vec(), b.to_vec()], None).await;
+        assert_eq!((status.as_str(), &bytes), ("0", &whole), "cut at {cut}");
+    }
+    let (status, _) = raw_check(&channel, vec![wire.clone()], Some("identity")).await;
+    assert_eq!(status, "0");
+
+    let internal = "13";
+    let refused: [(&str, Vec<Vec<u8>>, Option<&str>, &str); 7] = [
+        ("empty body", vec![], None, internal),
+        (
+            "cut short",
+            vec![wire[..wire.len() - 1].to_vec()],
+            None,
+            internal,
+        ),
+        (
+            "two messages",
+            vec![wire.clone(), wire.clone()],
+            None,
+            internal,
+        ),
+        ("compressed flag", vec![framed(1, &message)], None, internal),
+        ("gzip", vec![framed(1, &message)], Some("gzip"), "12"),
+        ("not protobuf", vec![framed(0, &[0xff; 12])], None, internal),
+        ("over 16 MiB", vec![vec![0, 0x01, 0, 0, 1]], None, "11"),
+    ];
+    for (what, frames, encoding, code) in refused {
+        let (status, _) = raw_check(&channel, frames, encoding).await;
+        assert_eq!(status, code, "{what}");
+    }
+    // The same connection still answers Checks.
+    let mut c = AuthorizationClient::new(channel);
+    let resp = c.check(check("/open/x", &[])).await.unwrap().into_inner();
+    assert_eq!(resp.status.unwrap().code, 0);
+}
