@@ -410,12 +410,10 @@ async fn raw_check(
 ) -> (String, Vec<u8>) {
     use http_body::Body as _;
     use tower::ServiceExt as _;
-    let mut req = http::Request::post(format!(
-        "http://portcullis{}",
-        "/envoy.service.auth.v3.Authorization/Check"
-    ))
-    .header("content-type", "application/grpc")
-    .header("te", "trailers");
+    let mut req =
+        http::Request::post("http://portcullis/envoy.service.auth.v3.Authorization/Check")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers");
     if let Some(encoding) = encoding {
         req = req.header("grpc-encoding", encoding);
     }
@@ -486,7 +484,7 @@ async fn a_check_body_is_one_plain_message_or_an_rpc_error() {
     assert_eq!(status, "0");
 
     let internal = "13";
-    let refused: [(&str, Vec<Vec<u8>>, Option<&str>, &str); 7] = [
+    let refused = [
         ("empty body", vec![], None, internal),
         (
             "cut short",
