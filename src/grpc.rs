@@ -6,7 +6,7 @@
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
@@ -105,11 +105,7 @@ impl Body for FrontBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
         match self.get_mut() {
-            FrontBody::Answer(answer) => match ready!(Pin::new(answer).poll_frame(cx)) {
-                Some(Ok(frame)) => Poll::Ready(Some(Ok(frame))),
-                Some(Err(never)) => match never {},
-                None => Poll::Ready(None),
-            },
+            FrontBody::Answer(answer) => Pin::new(answer).poll_frame(cx).map_err(|n| match n {}),
             FrontBody::Routed(body) => Pin::new(body).poll_frame(cx),
         }
     }
