@@ -236,7 +236,7 @@ pub struct Plugin {
     public_key: Option<std::sync::Arc<DecodingKey>>,
     algorithms: Vec<Algorithm>,
     timeout: Duration,
-    session: Option<flow::SessionConfig>,
+    session: Option<flow::Sessions>,
 }
 
 impl Plugin {
@@ -319,11 +319,7 @@ impl Plugin {
                 Algorithm::EdDSA,
             ],
         };
-        let session = settings
-            .session
-            .as_ref()
-            .map(flow::SessionConfig::compile)
-            .transpose()?;
+        let session = flow::Sessions::compile(&settings)?;
         Ok(Plugin {
             timeout: Duration::from_secs(timeout_secs),
             settings,

@@ -27,6 +27,10 @@
 //! openid-connect bearer path keeps the parsed claims and their `X-Userinfo`, so a
 //! cached token is not decoded, parsed and re-encoded on every request. What `V` holds
 //! is weighed with the token, so the cache stays bounded in bytes.
+//!
+//! openid-connect's session cookies use the same map: there the "token" is a sealed
+//! cookie value, the key the session secret's cipher, and "verified" means AES-GCM
+//! authenticated it (`flow::Sessions`).
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -96,6 +100,11 @@ where
             value_bytes: u32::try_from(value_bytes).unwrap_or(u32::MAX),
         };
         self.cache.insert(Arc::from(token), entry);
+    }
+
+    /// Forgets the token, whatever key it was verified with.
+    pub fn remove(&self, token: &str) {
+        self.cache.invalidate(token);
     }
 }
 

@@ -12,11 +12,14 @@ use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use openidconnect::CsrfToken;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use std::sync::Arc;
+use std::time::Duration;
 
 use super::provider::{Discovery, FetchError};
-use super::session::{self, Age};
-use super::{Plugin, now};
+use super::session::{self, Age, Sealer};
+use super::{Plugin, Settings, now};
 use crate::decision::Deny;
+use crate::plugins::verified::VerifiedTokens;
 use crate::plugins::{Ctx, Outcome};
 
 mod login;
@@ -33,7 +36,7 @@ const MAX_RESTARTS: u8 = 3;
 const LOGIN_TTL: u64 = 600;
 
 /// What the session cookie holds.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct LoginSession {
     sid: String,
     created: i64,
@@ -61,11 +64,104 @@ struct PendingLogin {
     restarts: u8,
 }
 
+/// A route's compiled `session.*` settings, and the session cookies it opened lately.
+#[derive(Debug)]
+pub struct Sessions {
+    pub cfg: SessionConfig,
+    /// Cookie sessions by their sealed value. A browser sends the same cookie on every
+    /// request until the session is renewed (about a minute later), and opening it —
+    /// base64, AES-GCM, JSON, then re-encoding `X-ID-Token` and `X-Userinfo` — was
+    /// three quarters of the plugin's work on a session Check (callgrind: 34k of 46k
+    /// instructions). Remembering a new value costs about what opening it does, so
+    /// the cache has paid for itself once a cookie was sent three or four times
+    /// (`cargo bench --bench check -- session`). A hit needs the very same
+    /// sealed text under the very same `session.secret`, so it can only return what
+    /// opening that text returns; the session's clocks and the access token's expiry
+    /// are still checked on every request. Sessions kept in Redis are not cached:
+    /// there the store, which a logout empties, is the authority.
+    opened: VerifiedTokens<Sealer, Arc<Opened>>,
+    /// The path of a configured `redirect_uri`, parsed once.
+    redirect_path: Option<String>,
+}
+
+/// How long an opened session is remembered: a session in use gets a new cookie at
+/// least once a minute (`Lifetime::renew_interval`), after which its old value is
+/// rarely sent again.
+const OPENED_TTL: Duration = Duration::from_secs(120);
+/// Bytes of opened sessions remembered per route: a few thousand sessions.
+const OPENED_BYTES: u64 = 8 * 1024 * 1024;
+
+impl Sessions {
+    pub fn compile(settings: &Settings) -> Result<Option<Self>, String> {
+        let Some(session) = &settings.session else {
+            return Ok(None);
+        };
+        Ok(Some(Sessions {
+            cfg: SessionConfig::compile(session)?,
+            opened: VerifiedTokens::new(OPENED_BYTES, OPENED_TTL),
+            redirect_path: settings
+                .redirect_uri
+                .as_deref()
+                .map(|uri| url::Url::parse(uri).map(|u| u.path().to_owned()))
+                .transpose()
+                .map_err(|e| format!("property \"redirect_uri\" is not a URL: {e}"))?,
+        }))
+    }
+}
+
+/// A session as opened from its cookie, with the upstream header values it gives
+/// every request while the cookie stays the same.
+#[derive(Debug)]
+struct Opened {
+    sess: LoginSession,
+    /// `X-ID-Token`: the ID token's payload JSON as it came, base64.
+    id_token_header: Option<String>,
+    /// `X-Userinfo`: the OP's userinfo answer, base64.
+    userinfo_header: Option<String>,
+}
+
+impl Opened {
+    fn new(sess: LoginSession, s: &Settings) -> Self {
+        let id_token_header = s
+            .set_id_token_header
+            .then(|| payload_json(&sess.id_token))
+            .flatten()
+            .map(|claims| STANDARD.encode(claims));
+        let userinfo_header = s
+            .set_userinfo_header
+            .then_some(sess.userinfo.as_ref())
+            .flatten()
+            .map(|user| STANDARD.encode(user.get()));
+        Opened {
+            sess,
+            id_token_header,
+            userinfo_header,
+        }
+    }
+
+    /// Heap bytes held, for the cache's bound.
+    fn heap_bytes(&self) -> usize {
+        let s = &self.sess;
+        let text = |v: &Option<String>| v.as_ref().map_or(0, String::len);
+        std::mem::size_of::<Self>()
+            + s.sid.len()
+            + s.id_token.len()
+            + s.sub.len()
+            + text(&s.access_token)
+            + text(&s.refresh_token)
+            + s.userinfo.as_ref().map_or(0, |u| u.get().len())
+            + text(&s.scope)
+            + text(&self.id_token_header)
+            + text(&self.userinfo_header)
+    }
+}
+
 fn random_token() -> String {
     CsrfToken::new_random().secret().clone()
 }
 
 /// Why the OP's answer ended the flow: its own refusal (401) or its absence (503).
+#[derive(Debug)]
 enum OpFailure {
     Refused(String),
     Unavailable(String),
@@ -100,20 +196,26 @@ impl OpFailure {
 
 pub async fn run(
     plugin: &Plugin,
-    cfg: &SessionConfig,
+    sessions: &Sessions,
     cx: &mut Ctx<'_>,
     http: &reqwest::Client,
 ) -> Outcome {
     let redirect_uri = redirect_uri(plugin, cx);
-    let redirect_path = url::Url::parse(&redirect_uri)
-        .map(|u| u.path().to_owned())
-        .unwrap_or_default();
+    let is_callback = match &sessions.redirect_path {
+        Some(path) => cx.req.path == path,
+        // The default redirect_uri is this very path plus the suffix: only a path that
+        // already ends with it can be the callback.
+        None => {
+            cx.req.path.ends_with(REDIRECT_SUFFIX)
+                && url::Url::parse(&redirect_uri).is_ok_and(|u| u.path() == cx.req.path)
+        }
+    };
     let result = if cx.req.path == plugin.settings.logout_path {
-        logout::logout(plugin, cfg, cx, http).await
-    } else if cx.req.path == redirect_path {
-        login::callback(plugin, cfg, cx, http).await
+        logout::logout(plugin, sessions, cx, http).await
+    } else if is_callback {
+        login::callback(plugin, &sessions.cfg, cx, http).await
     } else {
-        use_session(plugin, cfg, cx, http, &redirect_uri).await
+        use_session(plugin, sessions, cx, http, &redirect_uri).await
     };
     match result {
         Ok(outcome) => outcome,
@@ -121,17 +223,22 @@ pub async fn run(
     }
 }
 
+/// What APISIX appends to a request's path to make the default `redirect_uri`.
+const REDIRECT_SUFFIX: &str = "/.apisix/redirect";
+
 /// The configured redirect_uri, or APISIX's default: this path + `/.apisix/redirect`.
 fn redirect_uri(plugin: &Plugin, cx: &Ctx<'_>) -> String {
     if let Some(uri) = &plugin.settings.redirect_uri {
         return uri.clone();
     }
-    const SUFFIX: &str = "/.apisix/redirect";
     let path = cx.req.path;
-    let path = if path.ends_with(SUFFIX) {
+    let path = if path.ends_with(REDIRECT_SUFFIX) {
         path.to_owned()
     } else {
-        format!("{}{SUFFIX}", path.strip_suffix('/').unwrap_or(path))
+        format!(
+            "{}{REDIRECT_SUFFIX}",
+            path.strip_suffix('/').unwrap_or(path)
+        )
     };
     format!("{}://{}{path}", cx.req.scheme, cx.req.authority)
 }
@@ -168,17 +275,21 @@ fn issuer_matches(issuer: &str, discovery_url: &str) -> bool {
 
 async fn use_session(
     plugin: &Plugin,
-    cfg: &SessionConfig,
+    sessions: &Sessions,
     cx: &mut Ctx<'_>,
     http: &reqwest::Client,
     redirect_uri: &str,
 ) -> Result<Outcome, OpFailure> {
+    let cfg = &sessions.cfg;
     let now = now();
-    let found = load_session(cfg, cx.req).await?;
-    let Some(mut sess) = found else {
+    let found = load_session(plugin, sessions, cx.req).await?;
+    let Some(mut opened) = found else {
         return unauthenticated(plugin, cfg, cx, http, redirect_uri, 0, None).await;
     };
-    let mut save = match cfg.lifetime.age(sess.created, sess.saved, now) {
+    let mut save = match cfg
+        .lifetime
+        .age(opened.sess.created, opened.sess.saved, now)
+    {
         Age::Live { renew } => renew,
         Age::Expired(which) => {
             tracing::debug!(timeout = which, "openid-connect: session expired");
@@ -187,8 +298,13 @@ async fn use_session(
     };
     let leeway = plugin.settings.access_token_expires_leeway as i64;
     let mut access_valid = true;
-    if sess.access_exp.is_some_and(|exp| exp - leeway <= now) {
+    if opened
+        .sess
+        .access_exp
+        .is_some_and(|exp| exp - leeway <= now)
+    {
         if plugin.settings.renew_access_token_on_expiry {
+            let mut sess = opened.sess.clone();
             let renewed = match sess.refresh_token.clone() {
                 Some(rt) => refresh(plugin, cx, http, &mut sess, &rt).await,
                 None => false,
@@ -196,16 +312,18 @@ async fn use_session(
             if !renewed {
                 return unauthenticated(plugin, cfg, cx, http, redirect_uri, 0, None).await;
             }
+            opened = Arc::new(Opened::new(sess, &plugin.settings));
             save = true;
         } else {
             // lua-resty-openidc keeps such a session and only stops passing the token on.
             access_valid = false;
         }
     }
+    let sess = &opened.sess;
     // The granted scopes come from decoding the tokens' payloads: only worth it when
     // the route requires some (a session Check decoded the ID token twice before).
     if plugin.settings.required_scopes.is_some()
-        && let Some(deny) = plugin.check_scopes(session_scope(&sess).as_deref())
+        && let Some(deny) = plugin.check_scopes(session_scope(sess).as_deref())
     {
         return Ok(Outcome::Deny(deny));
     }
@@ -213,16 +331,11 @@ async fn use_session(
         plugin.set_access_token(cx, token);
     }
     let s = &plugin.settings;
-    if s.set_id_token_header
-        && let Some(claims) = payload_json(&sess.id_token)
-    {
-        cx.allow.set_upstream("x-id-token", STANDARD.encode(claims));
+    if let Some(v) = &opened.id_token_header {
+        cx.allow.set_upstream("x-id-token", v.clone());
     }
-    if s.set_userinfo_header
-        && let Some(user) = &sess.userinfo
-    {
-        cx.allow
-            .set_upstream("x-userinfo", STANDARD.encode(user.get()));
+    if let Some(v) = &opened.userinfo_header {
+        cx.allow.set_upstream("x-userinfo", v.clone());
     }
     if s.set_refresh_token_header
         && let Some(rt) = sess
@@ -238,6 +351,7 @@ async fn use_session(
     }
     hide_own_cookies(cfg, cx);
     if save {
+        let mut sess = sess.clone();
         sess.saved = now;
         for c in session_cookies(cfg, cx.req, &sess, now).await? {
             cx.allow.add_client_header("set-cookie", c);
@@ -269,11 +383,27 @@ fn store_failed(e: String) -> OpFailure {
 /// by the id its cookie holds. A missing or tampered cookie, or an id Redis no
 /// longer has, is no session; Redis not answering is a 503.
 async fn load_session(
-    cfg: &SessionConfig,
+    plugin: &Plugin,
+    sessions: &Sessions,
     req: &crate::request::Request<'_>,
-) -> Result<Option<LoginSession>, OpFailure> {
+) -> Result<Option<Arc<Opened>>, OpFailure> {
+    let cfg = &sessions.cfg;
     let Some((target, prefix)) = &cfg.redis else {
-        return Ok(session::read(&cfg.sealer, req, &cfg.cookie_name));
+        let Some(sealed) = session::sealed_value(req, &cfg.cookie_name) else {
+            return Ok(None);
+        };
+        if let Some(opened) = sessions.opened.get(&sealed, &cfg.sealer) {
+            return Ok(Some(opened));
+        }
+        let Some(sess) = cfg.sealer.open(&cfg.cookie_name, &sealed) else {
+            return Ok(None);
+        };
+        let opened = Arc::new(Opened::new(sess, &plugin.settings));
+        let bytes = opened.heap_bytes();
+        sessions
+            .opened
+            .insert_with(&sealed, &cfg.sealer, opened.clone(), bytes);
+        return Ok(Some(opened));
     };
     let Some(r) = session::read::<StoredRef>(&cfg.sealer, req, &cfg.cookie_name) else {
         return Ok(None);
@@ -284,7 +414,16 @@ async fn load_session(
         .map_err(store_failed)?;
     Ok(json
         .and_then(|j| serde_json::from_str::<LoginSession>(&j).ok())
-        .filter(|s| s.sid == r.sid))
+        .filter(|s| s.sid == r.sid)
+        .map(|sess| Arc::new(Opened::new(sess, &plugin.settings))))
+}
+
+/// Forgets the request's session cookie as opened (logout): its decrypted tokens
+/// need not stay in memory once the browser has been told to drop the cookie.
+fn forget_opened(sessions: &Sessions, req: &crate::request::Request<'_>) {
+    if let Some(sealed) = session::sealed_value(req, &sessions.cfg.cookie_name) {
+        sessions.opened.remove(&sealed);
+    }
 }
 
 /// The `Set-Cookie` values that store `sess`, replacing the chunks the request
@@ -449,6 +588,145 @@ mod tests {
         assert!(!issuer_matches("https://op.test/realms/b", d));
         assert!(!issuer_matches("https://op.test/realms", d));
         assert!(!issuer_matches("https://evil.test", d));
+    }
+
+    fn session_plugin(secret: &str, headers: bool) -> Plugin {
+        let shared = crate::plugins::Shared::default();
+        let conf = serde_json::json!({
+            "client_id": "c", "client_secret": "s",
+            "discovery": "http://op.test/.well-known/openid-configuration",
+            "redirect_uri": "http://app.test/cb/x?y=1",
+            "set_id_token_header": headers, "set_userinfo_header": headers,
+            "session": { "secret": secret },
+        });
+        Plugin::compile(&conf, &crate::plugins::BuildContext { shared: &shared }).unwrap()
+    }
+
+    fn sample_session() -> LoginSession {
+        let claims = r#"{"sub":"u1","exp":4102444800}"#;
+        LoginSession {
+            sid: "sid-1".into(),
+            created: 1,
+            saved: 1,
+            id_token: format!("e30.{}.sig", URL_SAFE_NO_PAD.encode(claims)),
+            sub: "u1".into(),
+            access_token: Some("at".into()),
+            access_exp: None,
+            refresh_token: None,
+            userinfo: serde_json::value::RawValue::from_string(r#"{"sub":"u1"}"#.into()).ok(),
+            scope: None,
+        }
+    }
+
+    /// The `Cookie` header a browser sends back for these `Set-Cookie`s.
+    fn cookie_header(set_cookies: &[String]) -> Vec<(String, String)> {
+        let pairs: Vec<&str> = set_cookies
+            .iter()
+            .map(|c| c.split(';').next().unwrap())
+            .collect();
+        vec![("cookie".to_owned(), pairs.join("; "))]
+    }
+
+    fn request(headers: &[(String, String)]) -> crate::request::Request<'_> {
+        crate::request::Request::assemble(crate::request::Parts {
+            method: "GET",
+            scheme: "http",
+            authority: "app.test",
+            request_uri: "/",
+            headers: crate::request::Headers::Pairs(headers),
+            source_ip: None,
+            context_extensions: &[],
+            body: &[],
+            body_truncated: false,
+            body_size: None,
+        })
+    }
+
+    fn seal(plugin: &Plugin, sess: &LoginSession) -> Vec<String> {
+        let cfg = &plugin.session.as_ref().unwrap().cfg;
+        session::write(&cfg.sealer, &cfg.cookie_name, sess, &cfg.attrs, None, 0)
+    }
+
+    #[tokio::test]
+    async fn an_opened_session_is_reused_only_for_the_same_cookie_under_the_same_secret() {
+        let secret = "0123456789abcdef-secret";
+        let plugin = session_plugin(secret, true);
+        let sessions = plugin.session.as_ref().unwrap();
+        let headers = cookie_header(&seal(&plugin, &sample_session()));
+        let req = request(&headers);
+        let load = || load_session(&plugin, sessions, &req);
+        let first = load().await.unwrap().expect("opens");
+        assert_eq!(first.sess.sid, "sid-1");
+        assert_eq!(
+            first.id_token_header.as_deref(),
+            Some(STANDARD.encode(r#"{"sub":"u1","exp":4102444800}"#).as_str())
+        );
+        assert_eq!(
+            first.userinfo_header.as_deref(),
+            Some(STANDARD.encode(r#"{"sub":"u1"}"#).as_str())
+        );
+        let again = load().await.unwrap().expect("opens");
+        assert!(
+            Arc::ptr_eq(&first, &again),
+            "the same cookie is opened once"
+        );
+
+        // Another value of the same session (sealed again: a new nonce) is opened afresh.
+        let resealed = cookie_header(&seal(&plugin, &sample_session()));
+        let other = load_session(&plugin, sessions, &request(&resealed))
+            .await
+            .unwrap()
+            .expect("opens");
+        assert!(!Arc::ptr_eq(&first, &other));
+
+        // A cookie that fails authentication is no session, and is not remembered.
+        let mut tampered = headers.clone();
+        let at = tampered[0].1.len() - 2;
+        tampered[0].1.insert(at, 'A');
+        for _ in 0..2 {
+            let found = load_session(&plugin, sessions, &request(&tampered)).await;
+            assert!(found.unwrap().is_none());
+        }
+
+        // A reloaded route has its own secret's cache: the old cookie opens there only
+        // if the secret is the same, and never from the old route's memory.
+        let same = session_plugin(secret, true);
+        let reopened = load_session(&same, same.session.as_ref().unwrap(), &req)
+            .await
+            .unwrap()
+            .expect("same secret");
+        assert!(!Arc::ptr_eq(&first, &reopened));
+        let rotated = session_plugin("another-secret-0123456789", true);
+        let found = load_session(&rotated, rotated.session.as_ref().unwrap(), &req).await;
+        assert!(found.unwrap().is_none(), "a new secret opens no old cookie");
+
+        // Logout forgets the opened session.
+        forget_opened(sessions, &req);
+        let after = load().await.unwrap().expect("still a valid cookie");
+        assert!(!Arc::ptr_eq(&first, &after));
+    }
+
+    #[tokio::test]
+    async fn an_opened_session_keeps_only_the_headers_the_route_sends() {
+        let plugin = session_plugin("0123456789abcdef-secret", false);
+        let headers = cookie_header(&seal(&plugin, &sample_session()));
+        let opened = load_session(
+            &plugin,
+            plugin.session.as_ref().unwrap(),
+            &request(&headers),
+        )
+        .await
+        .unwrap()
+        .expect("opens");
+        assert_eq!(opened.id_token_header, None);
+        assert_eq!(opened.userinfo_header, None);
+    }
+
+    #[test]
+    fn a_configured_redirect_uri_is_parsed_once() {
+        let plugin = session_plugin("0123456789abcdef-secret", true);
+        let sessions = plugin.session.as_ref().unwrap();
+        assert_eq!(sessions.redirect_path.as_deref(), Some("/cb/x"));
     }
 
     #[test]

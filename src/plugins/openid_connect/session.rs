@@ -21,6 +21,8 @@ use hkdf::Hkdf;
 use rand::RngCore;
 use serde::{Serialize, de::DeserializeOwned};
 use sha2::Sha256;
+use std::borrow::Cow;
+use std::sync::Arc;
 
 use crate::request::Request;
 
@@ -166,17 +168,27 @@ pub fn present_chunks(req: &Request<'_>, name: &str) -> usize {
 
 /// Reassembles and opens the value of `name`; `None` for anything missing or tampered.
 pub fn read<T: DeserializeOwned>(sealer: &Sealer, req: &Request<'_>, name: &str) -> Option<T> {
+    sealer.open(name, &sealed_value(req, name)?)
+}
+
+/// The sealed text of `name` as [`Sealer::open`] takes it, chunks joined: borrowed from
+/// the `Cookie` header when the value fits one cookie (the usual case), so a caller
+/// can look it up before paying for the decryption.
+pub fn sealed_value<'a>(req: &Request<'a>, name: &str) -> Option<Cow<'a, str>> {
     let first = req.cookie(name)?;
     let (count, head) = first.split_once('.')?;
     let count: usize = count.parse().ok()?;
     if count == 0 || count > MAX_CHUNKS {
         return None;
     }
+    if count == 1 {
+        return Some(Cow::Borrowed(head));
+    }
     let mut sealed = head.to_owned();
     for i in 2..=count {
         sealed.push_str(req.cookie(&chunk_name(name, i))?);
     }
-    sealer.open(name, &sealed)
+    Some(Cow::Owned(sealed))
 }
 
 /// Is this cookie name one of the chunks of `name`?
@@ -220,7 +232,8 @@ fn set_cookie(name: &str, value: &str, attrs: &CookieAttrs, max_age: Option<u64>
 /// lifetime rules.
 #[derive(Debug)]
 pub struct SessionConfig {
-    pub sealer: Sealer,
+    /// Shared so that a cache of opened sessions can tell this key from a later one.
+    pub sealer: Arc<Sealer>,
     /// With `storage: redis`: where sessions live, and their key prefix.
     pub redis: Option<(crate::plugins::limit_count::redis::Target, String)>,
     pub cookie_name: String,
@@ -298,7 +311,7 @@ impl SessionConfig {
         };
         Ok(SessionConfig {
             redis,
-            sealer: Sealer::new(&s.secret),
+            sealer: Arc::new(Sealer::new(&s.secret)),
             login_cookie: format!("{cookie_name}_login"),
             cookie_name,
             attrs: CookieAttrs {

@@ -6,26 +6,29 @@
 //! URI when the OP has no end-session endpoint (lua-resty-openidc's order). Where the
 //! browser goes is only ever configuration or discovery, never the request's query.
 use super::super::provider::transport;
-use super::super::session::{self, SessionConfig};
+use super::super::session;
 use super::super::{AuthMethod, Plugin};
-use super::{LoginSession, OpFailure, discovery, forget_session, load_session};
+use super::{OpFailure, Sessions, discovery, forget_opened, forget_session, load_session};
 use crate::decision::Deny;
 use crate::plugins::{Ctx, Outcome};
 
 pub(super) async fn logout(
     plugin: &Plugin,
-    cfg: &SessionConfig,
+    sessions: &Sessions,
     cx: &mut Ctx<'_>,
     http: &reqwest::Client,
 ) -> Result<Outcome, OpFailure> {
+    let cfg = &sessions.cfg;
     let doc = discovery(plugin, cx, http).await?;
-    let sess: Option<LoginSession> = load_session(cfg, cx.req).await?;
-    if let Some(sess) = &sess {
+    let opened = load_session(plugin, sessions, cx.req).await?;
+    let sess = opened.as_ref().map(|o| &o.sess);
+    if let Some(sess) = sess {
         forget_session(cfg, sess).await;
+        forget_opened(sessions, cx.req);
     }
     let s = &plugin.settings;
     if s.revoke_tokens_on_logout
-        && let (Some(sess), Some(endpoint)) = (&sess, &doc.revocation_endpoint)
+        && let (Some(sess), Some(endpoint)) = (sess, &doc.revocation_endpoint)
     {
         for (token, hint) in [
             (&sess.refresh_token, "refresh_token"),
@@ -42,7 +45,7 @@ pub(super) async fn logout(
                 .map_err(|e| OpFailure::Unavailable(format!("bad end_session_endpoint: {e}")))?;
             {
                 let mut q = url.query_pairs_mut();
-                if let Some(sess) = &sess {
+                if let Some(sess) = sess {
                     q.append_pair("id_token_hint", &sess.id_token);
                 }
                 if let Some(post) = post {
