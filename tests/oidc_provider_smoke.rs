@@ -151,15 +151,18 @@ async fn client_credentials_mint_jwt_and_opaque_tokens() {
 
 #[tokio::test]
 async fn short_ttl_makes_tokens_expire() {
+    // Long enough that minting and the first introspection fit in it on a loaded
+    // 2-core CI machine (a 1 s lifetime once expired before it was first asked about).
+    const TTL: u64 = 4;
     let op = OidcProvider::start(&settings().resource(
         "https://api.test/short",
-        ResourceSettings::new(TokenFormat::Opaque, "read").ttl(1),
+        ResourceSettings::new(TokenFormat::Opaque, "read").ttl(TTL),
     ));
     let token = op
         .client_credentials_token(&service(), Some("https://api.test/short"), "read")
         .await;
     assert_eq!(op.introspect(&service(), &token).await["active"], true);
-    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    tokio::time::sleep(std::time::Duration::from_millis(TTL * 1000 + 1100)).await;
     assert_eq!(op.introspect(&service(), &token).await["active"], false);
 }
 
