@@ -70,8 +70,28 @@ where
     V: Clone + Send + Sync + 'static,
 {
     pub fn new(capacity_bytes: u64, ttl: Duration) -> Self {
+        Self::with_policy(
+            capacity_bytes,
+            ttl,
+            moka::policy::EvictionPolicy::tiny_lfu(),
+        )
+    }
+
+    /// For values that are replaced rather than reused: a cache that keeps the most
+    /// recently inserted ones, where TinyLFU's admission would keep the old ones that
+    /// had been used often and turn new ones away.
+    pub fn new_lru(capacity_bytes: u64, ttl: Duration) -> Self {
+        Self::with_policy(capacity_bytes, ttl, moka::policy::EvictionPolicy::lru())
+    }
+
+    fn with_policy(
+        capacity_bytes: u64,
+        ttl: Duration,
+        policy: moka::policy::EvictionPolicy,
+    ) -> Self {
         VerifiedTokens {
             cache: moka::sync::Cache::builder()
+                .eviction_policy(policy)
                 .max_capacity(capacity_bytes)
                 .weigher(|token: &Arc<str>, entry: &Entry<K, V>| {
                     u32::try_from(token.len())
@@ -178,6 +198,31 @@ mod tests {
         cache.cache.run_pending_tasks();
         let kept = cache.cache.iter().map(|(t, _)| t.len() as u64).sum::<u64>();
         assert!(kept <= 64 * 1024, "{kept} bytes of tokens kept");
+    }
+
+    #[test]
+    fn an_lru_cache_keeps_the_newest_even_against_often_used_old_ones() {
+        let cache = VerifiedTokens::<String>::new_lru(64 * 1024, TTL);
+        let key = Arc::new("key".to_string());
+        let big = "x".repeat(8 * 1024);
+        for i in 0..7 {
+            let old = format!("old-{i}.{big}");
+            cache.insert(&old, &key);
+            for _ in 0..20 {
+                assert!(cache.contains(&old, &key));
+            }
+        }
+        cache.cache.run_pending_tasks();
+        for i in 0..7 {
+            cache.insert(&format!("new-{i}.{big}"), &key);
+            cache.cache.run_pending_tasks();
+        }
+        for i in 0..7 {
+            assert!(
+                cache.contains(&format!("new-{i}.{big}"), &key),
+                "new-{i} kept"
+            );
+        }
     }
 
     #[test]

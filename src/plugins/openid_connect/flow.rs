@@ -73,7 +73,7 @@ pub struct Sessions {
     /// base64, AES-GCM, JSON, then re-encoding `X-ID-Token` and `X-Userinfo` — was
     /// three quarters of the plugin's work on a session Check (callgrind: 34k of 46k
     /// instructions). Remembering a new value costs about what opening it does, so
-    /// the cache has paid for itself once a cookie was sent three or four times
+    /// the cache has paid for itself once a cookie was sent three to five times
     /// (`cargo bench --bench check -- session`). A hit needs the very same
     /// sealed text under the very same `session.secret`, so it can only return what
     /// opening that text returns; the session's clocks and the access token's expiry
@@ -88,7 +88,8 @@ pub struct Sessions {
 /// least once a minute (`Lifetime::renew_interval`), after which its old value is
 /// rarely sent again.
 const OPENED_TTL: Duration = Duration::from_secs(120);
-/// Bytes of opened sessions remembered per route: a few thousand sessions.
+/// Bytes of opened sessions remembered per route: a few thousand sessions, the least
+/// recently used out first (a renewed session's new cookie is the one sent next).
 const OPENED_BYTES: u64 = 8 * 1024 * 1024;
 
 impl Sessions {
@@ -98,7 +99,7 @@ impl Sessions {
         };
         Ok(Some(Sessions {
             cfg: SessionConfig::compile(session)?,
-            opened: VerifiedTokens::new(OPENED_BYTES, OPENED_TTL),
+            opened: VerifiedTokens::new_lru(OPENED_BYTES, OPENED_TTL),
             redirect_path: settings
                 .redirect_uri
                 .as_deref()
