@@ -579,6 +579,7 @@ async fn refresh(
 
 #[cfg(test)]
 mod tests {
+    use super::session::browser::{cookie_header, request};
     use super::*;
 
     #[test]
@@ -617,30 +618,6 @@ mod tests {
             userinfo: serde_json::value::RawValue::from_string(r#"{"sub":"u1"}"#.into()).ok(),
             scope: None,
         }
-    }
-
-    /// The `Cookie` header a browser sends back for these `Set-Cookie`s.
-    fn cookie_header(set_cookies: &[String]) -> Vec<(String, String)> {
-        let pairs: Vec<&str> = set_cookies
-            .iter()
-            .map(|c| c.split(';').next().unwrap())
-            .collect();
-        vec![("cookie".to_owned(), pairs.join("; "))]
-    }
-
-    fn request(headers: &[(String, String)]) -> crate::request::Request<'_> {
-        crate::request::Request::assemble(crate::request::Parts {
-            method: "GET",
-            scheme: "http",
-            authority: "app.test",
-            request_uri: "/",
-            headers: crate::request::Headers::Pairs(headers),
-            source_ip: None,
-            context_extensions: &[],
-            body: &[],
-            body_truncated: false,
-            body_size: None,
-        })
     }
 
     fn seal(plugin: &Plugin, sess: &LoginSession) -> Vec<String> {

@@ -386,8 +386,40 @@ impl Lifetime {
     }
 }
 
+/// What a browser sends back, for the tests of this module and of the login flow.
+#[cfg(test)]
+pub(super) mod browser {
+    use crate::request::{Headers, Parts, Request};
+
+    /// The `Cookie` header a browser sends back for these `Set-Cookie`s.
+    pub fn cookie_header(set_cookies: &[String]) -> Vec<(String, String)> {
+        let pairs: Vec<&str> = set_cookies
+            .iter()
+            .map(|c| c.split(';').next().unwrap())
+            .collect();
+        vec![("cookie".to_owned(), pairs.join("; "))]
+    }
+
+    /// `GET /` on app.test with these headers.
+    pub fn request(headers: &[(String, String)]) -> Request<'_> {
+        Request::assemble(Parts {
+            method: "GET",
+            scheme: "http",
+            authority: "app.test",
+            request_uri: "/",
+            headers: Headers::Pairs(headers),
+            source_ip: None,
+            context_extensions: &[],
+            body: b"",
+            body_truncated: false,
+            body_size: None,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::browser::{cookie_header, request};
     use super::*;
 
     fn attrs() -> CookieAttrs {
@@ -400,30 +432,6 @@ mod tests {
         }
     }
 
-    fn request_with(cookies: &[String]) -> (Vec<(String, String)>, ()) {
-        let header = cookies
-            .iter()
-            .map(|c| c.split(';').next().unwrap().to_owned())
-            .collect::<Vec<_>>()
-            .join("; ");
-        (vec![("cookie".to_owned(), header)], ())
-    }
-
-    fn req<'a>(h: &'a [(String, String)], _: &()) -> Request<'a> {
-        Request::assemble(crate::request::Parts {
-            method: "GET",
-            scheme: "http",
-            authority: "app.test",
-            request_uri: "/",
-            headers: crate::request::Headers::Pairs(h),
-            source_ip: None,
-            context_extensions: &[],
-            body: b"",
-            body_truncated: false,
-            body_size: None,
-        })
-    }
-
     #[test]
     fn large_values_round_trip_through_chunks() {
         let sealer = Sealer::new("a-secret-of-sixteen+");
@@ -432,8 +440,8 @@ mod tests {
         assert_eq!(cookies.len(), 4);
         assert!(cookies.iter().all(|c| c.len() < 4096));
         assert!(cookies[1].starts_with("session_2="));
-        let (h, e) = request_with(&cookies);
-        let back: serde_json::Value = read(&sealer, &req(&h, &e), "session").unwrap();
+        let h = cookie_header(&cookies);
+        let back: serde_json::Value = read(&sealer, &request(&h), "session").unwrap();
         assert_eq!(back, value);
     }
 
@@ -444,26 +452,26 @@ mod tests {
         let cookies = write(&sealer, "session", &value, &attrs(), None, 0);
         assert_eq!(cookies.len(), 2);
 
-        let (h, e) = request_with(&cookies[..1]);
-        assert!(read::<serde_json::Value>(&sealer, &req(&h, &e), "session").is_none());
+        let h = cookie_header(&cookies[..1]);
+        assert!(read::<serde_json::Value>(&sealer, &request(&h), "session").is_none());
 
         let swapped = vec![
             cookies[0].replacen("session=2.", "session=2.A", 1),
             cookies[1].clone(),
         ];
-        let (h, e) = request_with(&swapped);
-        assert!(read::<serde_json::Value>(&sealer, &req(&h, &e), "session").is_none());
+        let h = cookie_header(&swapped);
+        assert!(read::<serde_json::Value>(&sealer, &request(&h), "session").is_none());
 
         let other = Sealer::new("another-secret-16+");
-        let (h, e) = request_with(&cookies);
-        assert!(read::<serde_json::Value>(&other, &req(&h, &e), "session").is_none());
+        let h = cookie_header(&cookies);
+        assert!(read::<serde_json::Value>(&other, &request(&h), "session").is_none());
 
         let renamed: Vec<String> = cookies
             .iter()
             .map(|c| c.replacen("session", "sess", 1))
             .collect();
-        let (h, e) = request_with(&renamed);
-        assert!(read::<serde_json::Value>(&sealer, &req(&h, &e), "sess").is_none());
+        let h = cookie_header(&renamed);
+        assert!(read::<serde_json::Value>(&sealer, &request(&h), "sess").is_none());
     }
 
     #[test]
@@ -476,9 +484,9 @@ mod tests {
             None,
             0,
         );
-        let (h, e) = request_with(&cookies);
+        let h = cookie_header(&cookies);
         let other_replica = Sealer::new("shared-by-every-replica");
-        let back: String = read(&other_replica, &req(&h, &e), "session").unwrap();
+        let back: String = read(&other_replica, &request(&h), "session").unwrap();
         assert_eq!(back, "alice");
     }
 
