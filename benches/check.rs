@@ -48,21 +48,33 @@ fn bench_check(
     let rt = tokio();
     // As tonic hands it over: the received frame, which the decoded fields slice.
     let bytes = bytes::Bytes::from(msg.encode_to_vec());
-    let once = rt.block_on(runtime.check(&wire::CheckRequest::from(msg)));
-    let code = once.status.as_ref().map_or(0, |s| s.code);
-    assert_eq!(
-        code, expect as i32,
-        "{group}/{id}: unexpected decision {once:?}"
-    );
+    assert_decision(&rt, runtime, msg, expect, &format!("{group}/{id}"));
     c.benchmark_group(group)
         .bench_function(BenchmarkId::from_parameter(id), |b| {
-            b.to_async(&rt).iter(|| async {
-                let mut req =
-                    wire::CheckRequest::decode(bytes.clone()).expect("valid CheckRequest");
-                req.adopt_header_map();
-                runtime.check(&req).await.encode_to_vec()
-            })
+            b.to_async(&rt)
+                .iter(|| check_encoded(runtime, bytes.clone()))
         });
+}
+
+/// Fails the bench unless `msg` is decided with `expect`, so a row can never silently
+/// measure another decision.
+fn assert_decision(
+    rt: &tokio::runtime::Runtime,
+    runtime: &Runtime,
+    msg: &CheckRequest,
+    expect: Code,
+    row: &str,
+) {
+    let once = rt.block_on(runtime.check(&wire::CheckRequest::from(msg)));
+    let code = once.status.as_ref().map_or(0, |s| s.code);
+    assert_eq!(code, expect as i32, "{row}: unexpected decision {once:?}");
+}
+
+/// One measured iteration: decode the received frame, decide, encode the answer.
+async fn check_encoded(runtime: &Runtime, bytes: bytes::Bytes) -> Vec<u8> {
+    let mut req = wire::CheckRequest::decode(bytes).expect("valid CheckRequest");
+    req.adopt_header_map();
+    runtime.check(&req).await.encode_to_vec()
 }
 
 fn routes_yaml(n: usize) -> String {
@@ -354,18 +366,14 @@ routes:
     );
 
     let rt = tokio();
-    let once = rt.block_on(runtime.check(&wire::CheckRequest::from(&check_with_new_cookie())));
-    assert_eq!(once.status.as_ref().map_or(0, |s| s.code), Code::Ok as i32);
+    let row = "openid-connect/session cookie, first request";
+    assert_decision(&rt, &runtime, &check_with_new_cookie(), Code::Ok, row);
     c.benchmark_group("openid-connect").bench_function(
         BenchmarkId::from_parameter("session cookie, first request"),
         |b| {
             b.to_async(&rt).iter_batched(
                 || bytes::Bytes::from(check_with_new_cookie().encode_to_vec()),
-                |bytes| async {
-                    let mut req = wire::CheckRequest::decode(bytes).expect("valid CheckRequest");
-                    req.adopt_header_map();
-                    runtime.check(&req).await.encode_to_vec()
-                },
+                |bytes| check_encoded(&runtime, bytes),
                 criterion::BatchSize::SmallInput,
             )
         },
