@@ -201,14 +201,13 @@ pub async fn run(
     cx: &mut Ctx<'_>,
     http: &reqwest::Client,
 ) -> Outcome {
-    let redirect_uri = redirect_uri(plugin, cx);
     let is_callback = match &sessions.redirect_path {
         Some(path) => cx.req.path == path,
         // The default redirect_uri is this very path plus the suffix: only a path that
         // already ends with it can be the callback.
         None => {
             cx.req.path.ends_with(REDIRECT_SUFFIX)
-                && url::Url::parse(&redirect_uri).is_ok_and(|u| u.path() == cx.req.path)
+                && url::Url::parse(&redirect_uri(plugin, cx)).is_ok_and(|u| u.path() == cx.req.path)
         }
     };
     let result = if cx.req.path == plugin.settings.logout_path {
@@ -216,12 +215,24 @@ pub async fn run(
     } else if is_callback {
         login::callback(plugin, &sessions.cfg, cx, http).await
     } else {
-        use_session(plugin, sessions, cx, http, &redirect_uri).await
+        use_session(plugin, sessions, cx, http).await
     };
     match result {
         Ok(outcome) => outcome,
         Err(failure) => Outcome::Deny(failure.deny()),
     }
+}
+
+/// No usable session: a new login, with this request's redirect_uri (built only here,
+/// not on every request that has a session).
+async fn no_session(
+    plugin: &Plugin,
+    cfg: &SessionConfig,
+    cx: &mut Ctx<'_>,
+    http: &reqwest::Client,
+) -> Result<Outcome, OpFailure> {
+    let redirect_uri = redirect_uri(plugin, cx);
+    unauthenticated(plugin, cfg, cx, http, &redirect_uri, 0, None).await
 }
 
 /// What APISIX appends to a request's path to make the default `redirect_uri`.
@@ -279,13 +290,12 @@ async fn use_session(
     sessions: &Sessions,
     cx: &mut Ctx<'_>,
     http: &reqwest::Client,
-    redirect_uri: &str,
 ) -> Result<Outcome, OpFailure> {
     let cfg = &sessions.cfg;
     let now = now();
     let found = load_session(plugin, sessions, cx.req).await?;
     let Some(mut opened) = found else {
-        return unauthenticated(plugin, cfg, cx, http, redirect_uri, 0, None).await;
+        return no_session(plugin, cfg, cx, http).await;
     };
     let mut save = match cfg
         .lifetime
@@ -294,7 +304,7 @@ async fn use_session(
         Age::Live { renew } => renew,
         Age::Expired(which) => {
             tracing::debug!(timeout = which, "openid-connect: session expired");
-            return unauthenticated(plugin, cfg, cx, http, redirect_uri, 0, None).await;
+            return no_session(plugin, cfg, cx, http).await;
         }
     };
     let leeway = plugin.settings.access_token_expires_leeway as i64;
@@ -311,7 +321,7 @@ async fn use_session(
                 None => false,
             };
             if !renewed {
-                return unauthenticated(plugin, cfg, cx, http, redirect_uri, 0, None).await;
+                return no_session(plugin, cfg, cx, http).await;
             }
             opened = Arc::new(Opened::new(sess, &plugin.settings));
             save = true;
