@@ -512,3 +512,141 @@ async fn a_check_body_is_one_plain_message_or_an_rpc_error() {
     let resp = c.check(check("/open/x", &[])).await.unwrap().into_inner();
     assert_eq!(resp.status.unwrap().code, 0);
 }
+
+/// One HTTP/2 frame as read off the wire: type, flags, stream and payload.
+struct Frame {
+    kind: u8,
+    flags: u8,
+    stream: u32,
+    payload: Vec<u8>,
+}
+
+const DATA: u8 = 0;
+const HEADERS: u8 = 1;
+const SETTINGS: u8 = 4;
+const PING: u8 = 6;
+const WINDOW_UPDATE: u8 = 8;
+const END_STREAM: u8 = 0x1;
+
+async fn read_frame(io: &mut tokio::net::TcpStream) -> Frame {
+    use tokio::io::AsyncReadExt as _;
+    let mut head = [0u8; 9];
+    io.read_exact(&mut head).await.expect("a frame header");
+    let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+    let mut payload = vec![0; len];
+    io.read_exact(&mut payload).await.expect("a frame payload");
+    Frame {
+        kind: head[3],
+        flags: head[4],
+        stream: u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff,
+        payload,
+    }
+}
+
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut out = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+    out.extend_from_slice(&[kind, flags]);
+    out.extend_from_slice(&stream.to_be_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+/// Envoy sends a Check with the request's body (`with_request_body`, 64 KiB by
+/// default) and many Checks at once on one connection, so portcullis opens 1 MiB
+/// windows from the start: a 300 KB Check goes out in one go, without waiting for
+/// window, and portcullis sends no bandwidth-probing PINGs (hyper's adaptive window
+/// started at 64 KiB and pinged on the first DATA frame).
+#[tokio::test]
+async fn a_large_check_fits_the_first_window_without_pings() {
+    use prost::Message as _;
+    use tokio::io::AsyncWriteExt as _;
+    let p = Portcullis::start(CONFIG).await;
+    let addr = p.grpc_endpoint().trim_start_matches("http://").to_owned();
+    let mut io = tokio::net::TcpStream::connect(addr).await.unwrap();
+    io.set_nodelay(true).unwrap();
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    hello.extend(frame(SETTINGS, 0, 0, &[]));
+    io.write_all(&hello).await.unwrap();
+
+    let run = async {
+        let (mut stream_window, mut connection_increment) = (None, None);
+        while stream_window.is_none() || connection_increment.is_none() {
+            let f = read_frame(&mut io).await;
+            match (f.kind, f.stream) {
+                (SETTINGS, 0) if f.flags & 1 == 0 => {
+                    stream_window = Some(65_535);
+                    for setting in f.payload.chunks(6) {
+                        if setting[..2] == [0, 4] {
+                            stream_window =
+                                Some(u32::from_be_bytes(setting[2..].try_into().unwrap()));
+                        }
+                    }
+                    io.write_all(&frame(SETTINGS, 1, 0, &[])).await.unwrap();
+                }
+                (WINDOW_UPDATE, 0) => {
+                    connection_increment =
+                        Some(u32::from_be_bytes(f.payload[..4].try_into().unwrap()))
+                }
+                _ => {}
+            }
+        }
+        assert_eq!(stream_window, Some(1 << 20), "each stream's window");
+        assert_eq!(
+            connection_increment.map(|i| i + 65_535),
+            Some(1 << 20),
+            "the connection's window"
+        );
+
+        // HPACK without Huffman or dynamic-table references: :method POST and
+        // :scheme http from the static table, the rest literal.
+        let path = b"/envoy.service.auth.v3.Authorization/Check";
+        let mut block = vec![0x83, 0x86, 0x44, path.len() as u8];
+        block.extend_from_slice(path);
+        block.extend_from_slice(b"\x41\x09127.0.0.1");
+        block.extend_from_slice(b"\x5f\x10application/grpc");
+        block.extend_from_slice(b"\x40\x02te\x08trailers");
+        let mut request = check("/open/upload", &[("content-type", "text/plain")]);
+        let http = request
+            .attributes
+            .as_mut()
+            .and_then(|a| a.request.as_mut())
+            .and_then(|r| r.http.as_mut())
+            .unwrap();
+        http.raw_body = vec![b'x'; 300_000];
+        http.method = "POST".into();
+        let message = framed(0, &request.encode_to_vec());
+        assert!(message.len() > 4 * 65_535);
+        let mut out = frame(HEADERS, 0x4, 1, &block);
+        let chunks: Vec<_> = message.chunks(16_384).collect();
+        for (i, chunk) in chunks.iter().enumerate() {
+            let last = i + 1 == chunks.len();
+            out.extend(frame(DATA, if last { END_STREAM } else { 0 }, 1, chunk));
+        }
+        io.write_all(&out).await.unwrap();
+
+        let mut answer = Vec::new();
+        loop {
+            let f = read_frame(&mut io).await;
+            assert_ne!(f.kind, PING, "portcullis pinged");
+            assert!(
+                matches!(f.kind, DATA | HEADERS | SETTINGS | WINDOW_UPDATE),
+                "unexpected frame type {} (payload {:?})",
+                f.kind,
+                f.payload
+            );
+            if f.stream == 1 && f.kind == DATA {
+                answer.extend_from_slice(&f.payload);
+            }
+            if f.stream == 1 && f.kind == HEADERS && f.flags & END_STREAM != 0 {
+                break;
+            }
+        }
+        answer
+    };
+    let answer = tokio::time::timeout(std::time::Duration::from_secs(10), run)
+        .await
+        .expect("1 MiB windows opened and the Check answered within 10 s");
+    assert_eq!(answer[0], 0, "an uncompressed message");
+    let resp = CheckResponse::decode(&answer[5..]).expect("a CheckResponse");
+    assert_eq!(resp.status.unwrap().code, 0, "allowed");
+}
