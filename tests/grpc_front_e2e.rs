@@ -527,6 +527,11 @@ const SETTINGS: u8 = 4;
 const PING: u8 = 6;
 const WINDOW_UPDATE: u8 = 8;
 const END_STREAM: u8 = 0x1;
+const ACK: u8 = 0x1;
+const END_HEADERS: u8 = 0x4;
+const SETTINGS_INITIAL_WINDOW_SIZE: [u8; 2] = [0, 4];
+/// What every window is before SETTINGS and WINDOW_UPDATE frames say otherwise.
+const DEFAULT_WINDOW: u32 = 65_535;
 
 async fn read_frame(io: &mut tokio::net::TcpStream) -> Frame {
     use tokio::io::AsyncReadExt as _;
@@ -573,15 +578,15 @@ async fn a_large_check_fits_the_first_window_without_pings() {
         while stream_window.is_none() || connection_increment.is_none() {
             let f = read_frame(&mut io).await;
             match (f.kind, f.stream) {
-                (SETTINGS, 0) if f.flags & 1 == 0 => {
-                    stream_window = Some(65_535);
+                (SETTINGS, 0) if f.flags & ACK == 0 => {
+                    stream_window = Some(DEFAULT_WINDOW);
                     for setting in f.payload.chunks(6) {
-                        if setting[..2] == [0, 4] {
+                        if setting[..2] == SETTINGS_INITIAL_WINDOW_SIZE {
                             stream_window =
                                 Some(u32::from_be_bytes(setting[2..].try_into().unwrap()));
                         }
                     }
-                    io.write_all(&frame(SETTINGS, 1, 0, &[])).await.unwrap();
+                    io.write_all(&frame(SETTINGS, ACK, 0, &[])).await.unwrap();
                 }
                 (WINDOW_UPDATE, 0) => {
                     connection_increment =
@@ -592,7 +597,7 @@ async fn a_large_check_fits_the_first_window_without_pings() {
         }
         assert_eq!(stream_window, Some(1 << 20), "each stream's window");
         assert_eq!(
-            connection_increment.map(|i| i + 65_535),
+            connection_increment.map(|i| i + DEFAULT_WINDOW),
             Some(1 << 20),
             "the connection's window"
         );
@@ -615,8 +620,8 @@ async fn a_large_check_fits_the_first_window_without_pings() {
         http.raw_body = vec![b'x'; 300_000];
         http.method = "POST".into();
         let message = framed(0, &request.encode_to_vec());
-        assert!(message.len() > 4 * 65_535);
-        let mut out = frame(HEADERS, 0x4, 1, &block);
+        assert!(message.len() > 4 * DEFAULT_WINDOW as usize);
+        let mut out = frame(HEADERS, END_HEADERS, 1, &block);
         let chunks: Vec<_> = message.chunks(16_384).collect();
         for (i, chunk) in chunks.iter().enumerate() {
             let last = i + 1 == chunks.len();
