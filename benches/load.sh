@@ -20,7 +20,8 @@
 # 1..k, then again) and the table quotes the median of --runs runs for req/s, p50,
 # p99 and the CPU time per request that Envoy,
 # portcullis and nginx spent (user + system, from /proc; wrk/h2load not counted), so a
-# ratio can be traced to the process that spent the time. Rows whose plugin this portcullis
+# ratio can be traced to the process that spent the time; each ratio line also gives
+# every run's own ratio. Rows whose plugin this portcullis
 # build does not support are skipped with a note. Exits non-zero if any row that ran
 # produced no numbers or any non-2xx answer.
 set -euo pipefail
@@ -480,6 +481,7 @@ python3 - "$WORK/rows.tsv" "$WORK/machine.txt" <<'EOF' || status=$?
 import statistics, sys
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1])]
 med = {}
+per_run = {}
 bad = []
 for rid, tool, base, label, path in rows:
     try:
@@ -491,6 +493,7 @@ for rid, tool, base, label, path in rows:
         bad.append(label)
         continue
     med[rid] = [statistics.median(r[i] for r in good) for i in range(6)]
+    per_run[rid] = [r[0] for r in good]
 print(open(sys.argv[2]).read().rstrip())
 print()
 print(f"| {'row':<64} | {'req/s':>9} | {'p50 ms':>7} | {'p99 ms':>7} | {'ratio':>5} | {'CPU µs/req: Envoy':>17} | {'portcullis':>10} | {'nginx':>5} | baseline")
@@ -515,11 +518,17 @@ checks = [
     ("Envoy jwt_authn / Envoy, no auth", "jwtn", "envoy", None),
 ]
 print()
+# Rows are interleaved, so run i of one row and of its baseline ran minutes apart at
+# most: each run's own ratio shows how far a verdict on the medians can move.
+def spread(a, b):
+    if len(per_run[a]) < 2 or len(per_run[a]) != len(per_run[b]):
+        return ""
+    return " (by run: " + " ".join(f"{x / y:.2f}" for x, y in zip(per_run[a], per_run[b])) + ")"
 for text, a, b, target in checks:
     if a in med and b in med:
         r = med[a][0] / med[b][0]
         verdict = "" if target is None else (f"  (target ≥ {target}: {'met' if r >= target else 'MISSED'})")
-        print(f"{text}: {r:.2f}{verdict}")
+        print(f"{text}: {r:.2f}{spread(a, b)}{verdict}")
 if "grpc-jwt-hs" in med:
     v = med["grpc-jwt-hs"][0]
     print(f"direct Check jwt-auth HS256: {v:.0f} req/s (target ≥ 100000: {'met' if v >= 100000 else 'MISSED'})")
