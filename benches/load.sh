@@ -426,9 +426,9 @@ run_row() { # id tool target header → "rps p50 p99 envoy_us portcullis_us ngin
     rm -f "$WORK/h2.log"
     local shape=(-c "$CONNECTIONS" -m 1)
     [ "$tool" = h2load-mux ] && shape=(-c "$MUX_CONNECTIONS" -m "$MUX_STREAMS")
-    out=$(h2load "${shape[@]}" -t "$THREADS" -D "$DURATION" --warm-up-time=1 \
-      -d "$target" -H 'content-type: application/grpc' -H 'te: trailers' \
-      "$CHECK_URL" 2>&1)
+    # The Check both passes send: a length-prefixed CheckRequest as gRPC.
+    local check=(-d "$target" -H 'content-type: application/grpc' -H 'te: trailers' "$CHECK_URL")
+    out=$(h2load "${shape[@]}" -t "$THREADS" -D "$DURATION" --warm-up-time=1 "${check[@]}" 2>&1)
     local rps
     rps=$(sed -n 's/^finished in [^,]*, \([0-9.]*\) req\/s.*/\1/p' <<<"$out")
     h2load_ok "$id" "$out" || { echo "fail" >>"$WORK/res-$id"; return; }
@@ -440,8 +440,7 @@ run_row() { # id tool target header → "rps p50 p99 envoy_us portcullis_us ngin
     # h2load's per-request log costs it a write(2) per request, which on cores it
     # shares with portcullis took 15-20 % off the req/s of the timed pass above.
     out=$(h2load "${shape[@]}" -t "$THREADS" -n "$(awk -v r="$rps" 'BEGIN { n = int(r); print (n < 1000 ? 1000 : n) }')" \
-      -d "$target" -H 'content-type: application/grpc' -H 'te: trailers' \
-      --log-file="$WORK/h2.log" "$CHECK_URL" 2>&1)
+      --log-file="$WORK/h2.log" "${check[@]}" 2>&1)
     h2load_ok "$id" "$out" || { echo "fail" >>"$WORK/res-$id"; return; }
     # Per-request log: start(µs) status duration(µs).
     echo "$rps $(awk '{ print $3 }' "$WORK/h2.log" | sort -n | awk '{ v[NR] = $1 } END {
