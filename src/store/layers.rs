@@ -78,11 +78,8 @@ impl<'de, T: Serialize + DeserializeOwned> Deserialize<'de> for Compact<T> {
 }
 
 /// A stored resource with APISIX's bookkeeping.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(bound(
-    serialize = "T: Serialize + DeserializeOwned",
-    deserialize = "T: Serialize + DeserializeOwned"
-))]
+#[derive(Debug, Clone, Serialize)]
+#[serde(bound(serialize = "T: Serialize + DeserializeOwned"))]
 pub struct Stored<T> {
     pub spec: Compact<T>,
     /// Behind an `Arc` because every resource of a config file has the same one (the
@@ -111,7 +108,34 @@ impl<T> Stored<T> {
     }
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// Read field by field rather than through `flatten`, which makes serde buffer the
+/// whole object (the spec included) as an untyped tree before reading it again.
+impl<'de, T: Serialize + DeserializeOwned> Deserialize<'de> for Stored<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(bound(deserialize = "T: Serialize + DeserializeOwned"))]
+        struct Fields<T> {
+            spec: Compact<T>,
+            create_time: i64,
+            update_time: i64,
+            created_index: u64,
+            modified_index: u64,
+        }
+        let f = Fields::<T>::deserialize(d)?;
+        Ok(Stored::new(
+            f.spec,
+            Stamp {
+                create_time: f.create_time,
+                update_time: f.update_time,
+                created_index: f.created_index,
+                modified_index: f.modified_index,
+            },
+        ))
+    }
+}
+
+/// Read only as part of the state file (`StateFields`).
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct Resources {
     pub routes: BTreeMap<String, Stored<RouteSpec>>,
     /// Keyed by the consumer's name as the compiled consumer and its credentials
@@ -120,6 +144,56 @@ pub struct Resources {
     /// Keyed by (username, credential id).
     #[serde(with = "credential_map")]
     pub credentials: CredentialMap,
+}
+
+/// A map read from its entries in one go: a B-tree collected from entries is built
+/// sorted with full nodes, where inserting them one by one in key order (as the
+/// state file lists them) leaves every node about half full. Like inserting, a
+/// repeated key keeps its last value.
+fn packed_map<'de, D, K, V>(d: D) -> Result<BTreeMap<K, V>, D::Error>
+where
+    D: Deserializer<'de>,
+    K: Ord + Deserialize<'de>,
+    V: Deserialize<'de>,
+{
+    map_entries(d, |k: K| Ok(k))
+}
+
+/// Reads a map's entries into a vector, each key converted by `key`, then packs them.
+fn map_entries<'de, D, RawK, K, V>(
+    d: D,
+    key: impl Fn(RawK) -> Result<K, String>,
+) -> Result<BTreeMap<K, V>, D::Error>
+where
+    D: Deserializer<'de>,
+    RawK: Deserialize<'de>,
+    K: Ord,
+    V: Deserialize<'de>,
+{
+    struct Entries<F, RawK, V>(F, PhantomData<fn() -> (RawK, V)>);
+    impl<'de, F, RawK, K, V> serde::de::Visitor<'de> for Entries<F, RawK, V>
+    where
+        F: Fn(RawK) -> Result<K, String>,
+        RawK: Deserialize<'de>,
+        V: Deserialize<'de>,
+    {
+        type Value = Vec<(K, V)>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a map")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut m: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut out = Vec::with_capacity(m.size_hint().unwrap_or(0));
+            while let Some((k, v)) = m.next_entry::<RawK, V>()? {
+                out.push(((self.0)(k).map_err(serde::de::Error::custom)?, v));
+            }
+            Ok(out)
+        }
+    }
+    let entries = d.deserialize_map(Entries(key, PhantomData))?;
+    Ok(entries.into_iter().collect())
 }
 
 /// JSON objects need string keys: credentials persist as `"user/id"`.
@@ -132,15 +206,12 @@ mod credential_map {
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<CredentialMap, D::Error> {
-        let raw = BTreeMap::<String, Stored<CredentialSpec>>::deserialize(d)?;
-        raw.into_iter()
-            .map(|(k, v)| {
-                let (u, id) = k
-                    .split_once('/')
-                    .ok_or_else(|| serde::de::Error::custom(format!("bad credential key {k:?}")))?;
-                Ok(((u.into(), id.into()), v))
-            })
-            .collect()
+        map_entries(d, |k: String| {
+            let (u, id) = k
+                .split_once('/')
+                .ok_or_else(|| format!("bad credential key {k:?}"))?;
+            Ok((u.into(), id.into()))
+        })
     }
 }
 
@@ -170,6 +241,7 @@ impl Tombstones {
 
 /// The state file: the Admin API layer. JSON, which is also valid YAML.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(from = "StateFields")]
 pub struct StateFile {
     pub version: u32,
     pub index: u64,
@@ -177,6 +249,38 @@ pub struct StateFile {
     pub written: Resources,
     #[serde(default)]
     pub deleted: Tombstones,
+}
+
+/// The state file as read: `written`'s maps named one by one, because a flattened
+/// field makes serde buffer every key it does not know (here, every resource) as
+/// an untyped tree first — over 100 MB at 100k consumers.
+#[derive(Deserialize)]
+struct StateFields {
+    version: u32,
+    index: u64,
+    #[serde(default, deserialize_with = "packed_map")]
+    routes: BTreeMap<String, Stored<RouteSpec>>,
+    #[serde(default, deserialize_with = "packed_map")]
+    consumers: BTreeMap<Arc<str>, Stored<ConsumerSpec>>,
+    #[serde(default, with = "credential_map")]
+    credentials: CredentialMap,
+    #[serde(default)]
+    deleted: Tombstones,
+}
+
+impl From<StateFields> for StateFile {
+    fn from(f: StateFields) -> Self {
+        StateFile {
+            version: f.version,
+            index: f.index,
+            written: Resources {
+                routes: f.routes,
+                consumers: f.consumers,
+                credentials: f.credentials,
+            },
+            deleted: f.deleted,
+        }
+    }
 }
 
 /// The resources in force: the file layer, minus tombstones, plus Admin writes.
