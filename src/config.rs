@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::resources::{ConsumerEntry, RouteSpec};
+use crate::resources::{FileConsumer, RouteSpec};
 
 /// The default config: nothing to set up, nothing exposed beyond loopback.
 pub const DEFAULT_CONFIG: &str = include_str!("default-config.yaml");
@@ -36,7 +36,7 @@ pub struct FileConfig {
     #[serde(default)]
     pub routes: Vec<RouteSpec>,
     #[serde(default)]
-    pub consumers: Vec<ConsumerEntry>,
+    pub consumers: Vec<FileConsumer>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -33,7 +33,7 @@ mod layers;
 
 pub use build::validate;
 use build::{Built, build, duplicate_key, file_layer, now};
-pub use layers::{CredentialKey, CredentialMap, Resources, StateFile, Stored, Tombstones};
+pub use layers::{Compact, CredentialKey, CredentialMap, Resources, StateFile, Stored, Tombstones};
 use layers::{Effective, Undo, layered, overlay, restamp, view};
 
 /// Which resource a write addresses.

@@ -57,7 +57,7 @@ pub fn file_layer(config: &FileConfig) -> Result<Resources, String> {
     // one allocation per distinct id, shared by every key and compiled credential.
     let mut ids: HashMap<&str, Arc<str>> = HashMap::new();
     for (i, entry) in config.consumers.iter().enumerate() {
-        let name = entry.consumer.username.as_str();
+        let name = entry.username.as_str();
         if !seen.insert(name) {
             return Err(format!(
                 "at `consumers[{i}].username`: duplicate consumer {name:?}"
@@ -66,7 +66,7 @@ pub fn file_layer(config: &FileConfig) -> Result<Resources, String> {
         // One allocation of the name for the consumer's key and its credentials' keys
         // (and, once compiled, for the compiled consumer and credentials).
         let key: Arc<str> = name.into();
-        consumers.push((key.clone(), stored(Compact::new(&entry.consumer), &stamp)));
+        consumers.push((key.clone(), stored(entry.spec.clone(), &stamp)));
         for (j, cred) in entry.credentials.iter().enumerate() {
             let Some(id) = cred.id.as_deref() else {
                 return Err(format!(
@@ -79,7 +79,7 @@ pub fn file_layer(config: &FileConfig) -> Result<Resources, String> {
                 ));
             }
             let id = ids.entry(id).or_insert_with(|| id.into()).clone();
-            credentials.push(((key.clone(), id), stored(Compact::new(cred), &stamp)));
+            credentials.push(((key.clone(), id), stored(cred.spec.clone(), &stamp)));
         }
     }
     let res = Resources {
