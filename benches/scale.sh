@@ -2,10 +2,11 @@
 # Scale benchmark: portcullis with many consumers and routes (default 100k and 10k).
 #
 #   benches/scale.sh [--consumers N] [--routes N] [--writes N] [--connections N]
-#                    [--portcullis PATH] [--keep]
+#                    [--format yaml|json] [--portcullis PATH] [--keep]
 #
 # Measures, on 127.0.0.1 with free ports:
-#   startup   process start → /readyz 200 (config parsed, everything compiled);
+#   startup   process start → /readyz 200 (config parsed, everything compiled), the
+#             config file written as --format (default yaml);
 #   RSS       VmRSS and VmHWM at ready, 2 s later (settled), and after the writes;
 #   writes    for each of --writes Admin API writes (alternately a new route and a
 #             consumer update): PUT latency and the time until a Check for the new
@@ -22,6 +23,7 @@ CONSUMERS=100000
 ROUTES=10000
 WRITES=20
 CONNECTIONS=8
+FORMAT=yaml
 PORTCULLIS=""
 KEEP=0
 while [ $# -gt 0 ]; do
@@ -30,9 +32,10 @@ while [ $# -gt 0 ]; do
     --routes) ROUTES=$2; shift 2 ;;
     --writes) WRITES=$2; shift 2 ;;
     --connections) CONNECTIONS=$2; shift 2 ;;
+    --format) FORMAT=$2; shift 2 ;;
     --portcullis) PORTCULLIS=$2; shift 2 ;;
     --keep) KEEP=1; shift ;;
-    -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
 done
@@ -46,49 +49,60 @@ PY=$(python3 -c 'import sys; print(sys.executable)')
 GRPC_PORT=$(free_port); HTTP_PORT=$(free_port); ADMIN_PORT=$(free_port)
 KEY=$(openssl rand -hex 16)
 
-# Routes: APISIX-style prefixes; consumers with labels (the auth plugins' credentials
-# are added when this build has jwt-auth, probed below).
-python3 - "$WORK/scale.yaml" "$CONSUMERS" "$ROUTES" "$GRPC_PORT" "$HTTP_PORT" "$ADMIN_PORT" "$KEY" "$WORK" <<'EOF'
-import sys
-out, consumers, routes, grpc, http, admin, key, work = sys.argv[1:]
-with open(out, "w") as f:
-    f.write(f'listen: {{ grpc: "127.0.0.1:{grpc}", http: "127.0.0.1:{http}", admin: "127.0.0.1:{admin}" }}\n')
-    f.write(f"admin: {{ api_key: {key} }}\nstate_file: {work}/state.yaml\nroutes:\n")
-    for i in range(int(routes)):
-        f.write(f'  - {{ id: r{i}, uri: "/svc{i}/*", methods: [GET, POST] }}\n')
-    f.write("consumers:\n")
-    for i in range(int(consumers)):
-        f.write(f"  - {{ username: user{i}, labels: {{ team: t{i % 97}, custom_id: c{i} }} }}\n")
-EOF
+case "$FORMAT" in yaml|json) ;; *) echo "--format: yaml or json, not $FORMAT" >&2; exit 2 ;; esac
+CONFIG="$WORK/scale.$FORMAT"
+
+# Consumers get a jwt-auth credential each when this build has jwt-auth (probed
+# first), so the credential index holds N keys. Ids are distinct, named as APISIX's
+# docs name them (cred-<consumer>-jwt-auth).
 cat >"$WORK/probe.yaml" <<'EOF'
 consumers:
   - username: probe
     credentials: [ { id: c, plugins: { jwt-auth: { key: probe, secret: probe-secret-probe-secret } } } ]
 EOF
 if "$PORTCULLIS" validate --config "$WORK/probe.yaml" >/dev/null 2>&1; then
-  # One jwt-auth credential per consumer, so the credential index holds N keys. Ids
-  # are distinct, named as APISIX's docs name them (cred-<consumer>-jwt-auth).
-  python3 - "$WORK/scale.yaml" "$CONSUMERS" <<'EOF'
-import re, sys
-path, n = sys.argv[1], int(sys.argv[2])
-text = open(path).read()
-text = re.sub(
-    r"  - \{ username: user(\d+), (labels: \{[^}]*\}) \}",
-    lambda m: f"  - {{ username: user{m[1]}, {m[2]}, credentials: [ {{ id: cred-user{m[1]}-jwt-auth, plugins: {{ jwt-auth: {{ key: key{m[1]}, secret: secret-{m[1]}-0123456789abcdef }} }} }} ] }}",
-    text,
-)
-open(path, "w").write(text)
-EOF
-  CREDS="one jwt-auth credential each"
+  WITH_CREDS=1; CREDS="one jwt-auth credential each"
 else
-  CREDS="no credentials (this build has no jwt-auth)"
+  WITH_CREDS=0; CREDS="no credentials (this build has no jwt-auth)"
 fi
+
+# Routes: APISIX-style prefixes; consumers with labels. One resource per line in either
+# format (YAML flow mappings as a person would write them, or JSON).
+python3 - "$CONFIG" "$CONSUMERS" "$ROUTES" "$GRPC_PORT" "$HTTP_PORT" "$ADMIN_PORT" "$KEY" "$WORK" "$WITH_CREDS" "$FORMAT" <<'EOF'
+import json, sys
+out, consumers, routes, grpc, http, admin, key, work, creds, fmt = sys.argv[1:]
+def route(i):
+    return {"id": f"r{i}", "uri": f"/svc{i}/*", "methods": ["GET", "POST"]}
+def consumer(i):
+    c = {"username": f"user{i}", "labels": {"team": f"t{i % 97}", "custom_id": f"c{i}"}}
+    if creds == "1":
+        c["credentials"] = [{"id": f"cred-user{i}-jwt-auth", "plugins": {"jwt-auth": {
+            "key": f"key{i}", "secret": f"secret-{i}-0123456789abcdef"}}}]
+    return c
+def flow(v):
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k}: {flow(x)}" for k, x in v.items()) + " }"
+    if isinstance(v, list):
+        return "[" + ", ".join(flow(x) for x in v) + "]"
+    return json.dumps(v) if ("/" in v or ":" in v) else v
+head = {"listen": {"grpc": f"127.0.0.1:{grpc}", "http": f"127.0.0.1:{http}", "admin": f"127.0.0.1:{admin}"},
+        "admin": {"api_key": key}, "state_file": f"{work}/state.json"}
+with open(out, "w") as f:
+    if fmt == "json":
+        f.write("{\n" + "".join(f"  {json.dumps(k)}: {json.dumps(v)},\n" for k, v in head.items()))
+        f.write('  "routes": [\n' + ",\n".join("    " + json.dumps(route(i)) for i in range(int(routes))) + "\n  ],\n")
+        f.write('  "consumers": [\n' + ",\n".join("    " + json.dumps(consumer(i)) for i in range(int(consumers))) + "\n  ]\n}\n")
+    else:
+        f.write("".join(f"{k}: {flow(v) if isinstance(v, dict) else v}\n" for k, v in head.items()))
+        f.write("routes:\n" + "".join(f"  - {flow(route(i))}\n" for i in range(int(routes))))
+        f.write("consumers:\n" + "".join(f"  - {flow(consumer(i))}\n" for i in range(int(consumers))))
+EOF
 
 rss() { awk '/^VmRSS|^VmHWM/ { printf "%s %.0f MiB  ", $1, $2 / 1024 }' "/proc/$1/status"; }
 now_ms() { date +%s%3N; }
 
 start=$(now_ms)
-RUST_LOG=warn "$PORTCULLIS" serve --config "$WORK/scale.yaml" >"$WORK/portcullis.log" 2>&1 &
+RUST_LOG=warn "$PORTCULLIS" serve --config "$CONFIG" >"$WORK/portcullis.log" 2>&1 &
 PC=$!
 PIDS+=("$PC")
 until curl -fs -o /dev/null "http://127.0.0.1:$HTTP_PORT/readyz"; do
@@ -96,7 +110,7 @@ until curl -fs -o /dev/null "http://127.0.0.1:$HTTP_PORT/readyz"; do
   sleep 0.02
 done
 ready=$(now_ms)
-echo "config: $ROUTES routes, $CONSUMERS consumers with $CREDS ($(du -h "$WORK/scale.yaml" | cut -f1) of YAML)"
+echo "config: $ROUTES routes, $CONSUMERS consumers with $CREDS ($(du -h "$CONFIG" | cut -f1) of ${FORMAT^^})"
 echo "startup to ready: $((ready - start)) ms"
 echo "memory at ready: $(rss "$PC")"
 # The loader's garbage is handed back to the OS just after the snapshot is published
