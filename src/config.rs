@@ -212,8 +212,8 @@ impl FileConfig {
     ///
     /// JSON (a `.json` file, or text that is a JSON object) is read with serde_json,
     /// as it streams. serde_yaml first loads the whole document's events, ≈ 3 KB per
-    /// consumer with a credential: at 100k consumers that is most of a 445 MiB peak
-    /// while starting, where the same file as JSON peaks at about a third of it
+    /// consumer with a credential: at 100k consumers that is most of a 387 MiB peak
+    /// while starting, where the same file as JSON peaks at 145 MiB
     /// (docs/benchmarks.md). APISIX's standalone mode takes both formats too.
     pub fn parse(text: &str, file: &str) -> Result<Self, ConfigError> {
         let invalid = |path: String, reason: String| ConfigError::Invalid {
