@@ -63,6 +63,21 @@ async fn a_valid_config_change_swaps_in() {
     })
     .await;
     assert!(stack.portcullis.output().contains("configuration reloaded"));
+
+    // The same file rewritten as JSON (read with serde_json, as it streams).
+    let json = json!({
+        "unmatched": "deny",
+        "routes": [{"id": "stable", "uri": "/stable/*"}, {"id": "v4", "uri": "/v4"}],
+    });
+    stack
+        .portcullis
+        .reload(&serde_json::to_string_pretty(&json).unwrap());
+    eventually(RELOAD_WAIT, "the JSON config", || async {
+        status(&stack, "/anything").await == 404
+    })
+    .await;
+    assert_eq!(status(&stack, "/v4").await, 200);
+    assert_eq!(status(&stack, "/v3").await, 404);
 }
 
 #[tokio::test]
