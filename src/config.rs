@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -208,38 +209,19 @@ impl FileConfig {
         Ok((Self::parse(&text, &file)?, text))
     }
 
-    /// Parses YAML or JSON text; `file` names the source in errors.
-    ///
-    /// JSON (a `.json` file, or text that is a JSON object) is read with serde_json,
-    /// as it streams. serde_yaml first loads the whole document's events, ≈ 3 KB per
-    /// consumer with a credential: at 100k consumers that is most of a 387 MiB peak
-    /// while starting, where the same file as JSON peaks at 145 MiB
-    /// (docs/benchmarks.md). APISIX's standalone mode takes both formats too.
+    /// Parses YAML or JSON text (`read_json_or_yaml`); `file` names the source in
+    /// errors. A `.json` file is JSON only. APISIX's standalone mode takes both formats.
     pub fn parse(text: &str, file: &str) -> Result<Self, ConfigError> {
-        let invalid = |path: String, reason: String| ConfigError::Invalid {
-            file: file.to_owned(),
-            path: if path == "." {
-                "(top level)".into()
-            } else {
-                path
-            },
-            reason,
-        };
-        let json = file.ends_with(".json");
-        let from_json = (json || text.trim_start().starts_with('{')).then(|| {
-            let mut de = serde_json::Deserializer::from_str(text);
-            let config: FileConfig = serde_path_to_error::deserialize(&mut de)
-                .map_err(|e| (e.path().to_string(), e.into_inner()))?;
-            de.end().map_err(|e| (".".to_owned(), e))?;
-            Ok(config)
-        });
-        let mut config = match from_json {
-            Some(Ok(config)) => config,
-            // A YAML flow mapping (`{listen: ...}`) is not JSON: it is read as YAML.
-            Some(Err((_, e))) if !json && e.is_syntax() => Self::from_yaml(text, invalid)?,
-            Some(Err((path, e))) => return Err(invalid(path, e.to_string())),
-            None => Self::from_yaml(text, invalid)?,
-        };
+        let mut config: FileConfig =
+            read_json_or_yaml(text, file.ends_with(".json")).map_err(|e| ConfigError::Invalid {
+                file: file.to_owned(),
+                path: if e.path == "." {
+                    "(top level)".into()
+                } else {
+                    e.path
+                },
+                reason: e.reason,
+            })?;
         if let Some(key) = &mut config.admin.api_key {
             let mut v = Value::String(std::mem::take(key));
             resolve_env(&mut v).map_err(|reason| ConfigError::Invalid {
@@ -254,14 +236,6 @@ impl FileConfig {
         }
         config.check_store(file)?;
         Ok(config)
-    }
-
-    fn from_yaml(
-        text: &str,
-        invalid: impl Fn(String, String) -> ConfigError,
-    ) -> Result<Self, ConfigError> {
-        serde_path_to_error::deserialize(serde_yaml::Deserializer::from_str(text))
-            .map_err(|e| invalid(e.path().to_string(), e.into_inner().to_string()))
     }
 
     /// With etcd, etcd is the only source of resources: a file that also declared
@@ -357,6 +331,52 @@ impl FileConfig {
 pub enum EnvError {
     #[error("environment variable {0} is not set (referenced as $env://{0})")]
     Unset(String),
+}
+
+/// Where a config or state file does not read as the type it must be.
+#[derive(Debug)]
+pub struct ReadError {
+    /// The field (`routes[0].uri`), `.` for the document itself.
+    pub path: String,
+    pub reason: String,
+}
+
+impl<E: std::fmt::Display> From<serde_path_to_error::Error<E>> for ReadError {
+    fn from(e: serde_path_to_error::Error<E>) -> Self {
+        ReadError {
+            path: e.path().to_string(),
+            reason: e.into_inner().to_string(),
+        }
+    }
+}
+
+/// Reads JSON with serde_json when `text` is a JSON object (or `json_only`), YAML
+/// otherwise. serde_json deserialises as it reads; serde_yaml first loads the whole
+/// document's events, ≈ 3 KB per consumer with a credential: at 100k consumers most
+/// of a 387 MiB peak while starting, where the same config as JSON peaks at 145 MiB
+/// (docs/benchmarks.md). Text that starts like JSON but is not (a YAML flow mapping,
+/// `{listen: ...}`) is read as YAML unless `json_only`.
+pub fn read_json_or_yaml<T: DeserializeOwned>(text: &str, json_only: bool) -> Result<T, ReadError> {
+    if json_only || text.trim_start().starts_with('{') {
+        let mut de = serde_json::Deserializer::from_str(text);
+        match serde_path_to_error::deserialize(&mut de) {
+            Ok(value) => match de.end() {
+                Ok(()) => return Ok(value),
+                Err(e) if json_only => {
+                    return Err(ReadError {
+                        path: ".".into(),
+                        reason: e.to_string(),
+                    });
+                }
+                Err(_) => {}
+            },
+            Err(e) if !json_only && e.inner().is_syntax() => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(serde_path_to_error::deserialize(
+        serde_yaml::Deserializer::from_str(text),
+    )?)
 }
 
 /// Replaces every string of the form `$env://NAME` inside `value` with the
