@@ -336,10 +336,10 @@ impl Store {
         let mut inner = self.inner.lock().await;
         if let Some(expected) = expected {
             let current = match &id {
-                ResourceId::Route(k) => inner.route(k).map(|s| s.stamp.modified_index),
-                ResourceId::Consumer(k) => inner.consumer(k).map(|s| s.stamp.modified_index),
+                ResourceId::Route(k) => inner.route(k).map(|s| s.stamp().modified_index),
+                ResourceId::Consumer(k) => inner.consumer(k).map(|s| s.stamp().modified_index),
                 ResourceId::Credential(u, k) => {
-                    inner.credential(u, k).map(|s| s.stamp.modified_index)
+                    inner.credential(u, k).map(|s| s.stamp().modified_index)
                 }
             };
             if current != Some(expected) {
@@ -834,7 +834,7 @@ mod tests {
         {
             let inner = s.inner.lock().await;
             let (ck, stored) = inner.file.credentials.iter().next().unwrap();
-            assert!(!stored.spec.value().as_object().unwrap().contains_key("id"));
+            assert!(!stored.value().as_object().unwrap().contains_key("id"));
             let cred = runtime
                 .snapshot()
                 .consumers
@@ -859,16 +859,17 @@ mod tests {
         assert_eq!(ids, [json!("c1"), json!("c2")]);
     }
 
-    /// Every resource of a config file has the same times and indexes: one stamp.
+    /// Every resource of a config file has the load time and index 0.
     #[tokio::test]
-    async fn file_resources_share_one_stamp() {
+    async fn file_resources_carry_the_load_time_and_index_zero() {
         let (_rt, s) = store(FILE, None);
         let inner = s.inner.lock().await;
-        let stamps: Vec<_> = (inner.file.routes.values().map(|r| &r.stamp))
-            .chain(inner.file.consumers.values().map(|c| &c.stamp))
+        let stamps: Vec<_> = (inner.file.routes.values().map(Stored::stamp))
+            .chain(inner.file.consumers.values().map(Stored::stamp))
             .collect();
         assert_eq!(stamps.len(), 3);
-        assert!(stamps.iter().all(|s| Arc::ptr_eq(s, stamps[0])));
+        assert!(stamps.iter().all(|s| *s == stamps[0]));
+        assert_eq!(stamps[0].create_time, stamps[0].update_time);
         assert_eq!((stamps[0].created_index, stamps[0].modified_index), (0, 0));
     }
 

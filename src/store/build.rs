@@ -4,7 +4,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use super::LoadError;
-use super::layers::{Compact, Effective, Resources, Stamp, StateFile, Stored};
+use super::layers::{Effective, Resources, Stamp, StateFile, Stored};
 use crate::config::FileConfig;
 use crate::plugins::BuildContext;
 use crate::snapshot::{self, AuthKey, Consumers, Route};
@@ -18,19 +18,13 @@ pub fn now() -> i64 {
 
 pub fn file_layer(config: &FileConfig) -> Result<Resources, String> {
     let t = now();
-    // One stamp for the whole file: every resource in it was loaded at `t`.
-    let stamp = Arc::new(Stamp {
+    // Every resource of the file was loaded at `t`, with index 0.
+    let stamp = Stamp {
         create_time: t,
         update_time: t,
         created_index: 0,
         modified_index: 0,
-    });
-    fn stored<T>(spec: Compact<T>, stamp: &Arc<Stamp>) -> Stored<T> {
-        Stored {
-            spec,
-            stamp: stamp.clone(),
-        }
-    }
+    };
     // Entries are gathered in file order, checked for duplicates by borrowed name, and
     // only then collected into the maps: a B-tree collected from entries is built from
     // them sorted, with full nodes, where inserting in (nearly) key order leaves nodes
@@ -47,7 +41,7 @@ pub fn file_layer(config: &FileConfig) -> Result<Resources, String> {
         if !seen.insert(id) {
             return Err(format!("at `routes[{i}].id`: duplicate route id {id:?}"));
         }
-        routes.push((id.to_owned(), stored(Compact::new(route), &stamp)));
+        routes.push((id.to_owned(), Stored::new(route, stamp)));
     }
     let mut consumers = Vec::with_capacity(config.consumers.len());
     let mut credentials = Vec::new();
@@ -66,7 +60,7 @@ pub fn file_layer(config: &FileConfig) -> Result<Resources, String> {
         // One allocation of the name for the consumer's key and its credentials' keys
         // (and, once compiled, for the compiled consumer and credentials).
         let key: Arc<str> = name.into();
-        consumers.push((key.clone(), stored(entry.spec.clone(), &stamp)));
+        consumers.push((key.clone(), Stored::from_compact(&entry.spec, stamp)));
         for (j, cred) in entry.credentials.iter().enumerate() {
             let Some(id) = cred.id.as_deref() else {
                 return Err(format!(
@@ -79,7 +73,7 @@ pub fn file_layer(config: &FileConfig) -> Result<Resources, String> {
                 ));
             }
             let id = ids.entry(id).or_insert_with(|| id.into()).clone();
-            credentials.push(((key.clone(), id), stored(cred.spec.clone(), &stamp)));
+            credentials.push(((key.clone(), id), Stored::from_compact(&cred.spec, stamp)));
         }
     }
     let res = Resources {
@@ -106,10 +100,7 @@ pub fn duplicate_key(key: &AuthKey) -> String {
 pub fn build(res: &Effective<'_>, cx: &BuildContext<'_>) -> Result<Built, String> {
     let mut routes = HashMap::new();
     for (id, r) in res.routes() {
-        let spec = r
-            .spec
-            .get()
-            .map_err(|e| format!("at `routes[id={id}]`: {e}"))?;
+        let spec = r.spec().map_err(|e| format!("at `routes[id={id}]`: {e}"))?;
         let route = snapshot::compile_route(id, &spec, cx)
             .map_err(|e| format!("at `routes[id={id}].{}`: {e}", e.path()))?;
         routes.insert(id.clone(), Arc::new(route));
@@ -117,8 +108,7 @@ pub fn build(res: &Effective<'_>, cx: &BuildContext<'_>) -> Result<Built, String
     let consumers = Consumers::default();
     for (name, c) in res.consumers() {
         let spec = c
-            .spec
-            .get()
+            .spec()
             .map_err(|e| format!("at `consumers[username={name}]`: {e}"))?;
         let compiled = snapshot::compile_consumer(name.clone(), &spec, cx)
             .map_err(|e| format!("at `consumers[username={name}].{}`: {e}", e.path()))?;
@@ -136,8 +126,7 @@ pub fn build(res: &Effective<'_>, cx: &BuildContext<'_>) -> Result<Built, String
     }
     for ((user, id), c) in res.credentials() {
         let spec = c
-            .spec
-            .get()
+            .spec()
             .map_err(|e| format!("at `consumers[username={user}].credentials[id={id}]`: {e}"))?;
         let (key, cred) =
             snapshot::compile_credential(consumers.shared_name(user), id.clone(), &spec, cx)

@@ -11,7 +11,7 @@ use super::Change;
 use crate::plugins::BuildContext;
 use crate::resources::{ConsumerSpec, CredentialSpec, RouteSpec};
 use crate::snapshot::{self, Consumers, KeyOwner};
-use crate::store::layers::{Compact, CredentialKey, Resources, Stamp, StateFile, Stored};
+use crate::store::layers::{CredentialKey, Resources, Stamp, StateFile, Stored};
 use crate::store::{Inner, ResourceId, WriteError, duplicate_key, parse};
 
 /// A stored `value` split into the spec and its times.
@@ -40,7 +40,7 @@ fn unstamp<T: serde::de::DeserializeOwned>(mut value: Value) -> Result<Unstamped
 impl<T: serde::Serialize + serde::de::DeserializeOwned> Unstamped<T> {
     fn stored(&self, created: u64, modified: u64) -> Stored<T> {
         Stored::new(
-            Compact::new(&self.spec),
+            &self.spec,
             Stamp {
                 create_time: self.create_time,
                 update_time: self.update_time,
@@ -111,12 +111,15 @@ impl Inner {
     fn modified_index(&self, id: &ResourceId) -> Option<u64> {
         let w = &self.admin.written;
         match id {
-            ResourceId::Route(k) => w.routes.get(k).map(|s| s.stamp.modified_index),
-            ResourceId::Consumer(k) => w.consumers.get(k.as_str()).map(|s| s.stamp.modified_index),
+            ResourceId::Route(k) => w.routes.get(k).map(|s| s.stamp().modified_index),
+            ResourceId::Consumer(k) => w
+                .consumers
+                .get(k.as_str())
+                .map(|s| s.stamp().modified_index),
             ResourceId::Credential(u, k) => w
                 .credentials
                 .get(&(u.as_str().into(), k.as_str().into()))
-                .map(|s| s.stamp.modified_index),
+                .map(|s| s.stamp().modified_index),
         }
     }
 
@@ -189,8 +192,7 @@ impl Inner {
                 .collect();
             for (u, c, s) in orphans {
                 let compiled = s
-                    .spec
-                    .get()
+                    .spec()
                     .map_err(WriteError::Invalid)
                     .and_then(|spec| self.compile_credential(cx, &u, &c, &spec));
                 if let Err(error) = compiled {

@@ -69,11 +69,9 @@ fn changes_update_the_mirror_and_the_credential_index() {
     let c = inner.consumers.credential("jwt-auth", "kc").unwrap();
     assert_eq!(c.credential_id.as_deref(), Some("c1"));
     let stored = inner.consumer("alice").unwrap();
-    assert_eq!((stored.stamp.create_time, stored.stamp.update_time), (1, 2));
-    assert_eq!(
-        (stored.stamp.created_index, stored.stamp.modified_index),
-        (5, 5)
-    );
+    let stamp = stored.stamp();
+    assert_eq!((stamp.create_time, stamp.update_time), (1, 2));
+    assert_eq!((stamp.created_index, stamp.modified_index), (5, 5));
 
     // A route change asks for a new route index.
     let r = ResourceId::Route("r1".into());

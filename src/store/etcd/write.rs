@@ -9,7 +9,7 @@ use super::Etcd;
 use crate::plugins::BuildContext;
 use crate::resources::{ConsumerSpec, CredentialSpec, RouteSpec};
 use crate::snapshot;
-use crate::store::layers::{Compact, Stamp, Stored, view};
+use crate::store::layers::{Stamp, Stored, view};
 use crate::store::{ResourceId, Store, WriteError, conflict, duplicate_key, now, parse};
 
 impl Store {
@@ -153,7 +153,7 @@ fn stamp<T: serde::Serialize + serde::de::DeserializeOwned>(
     t: i64,
 ) -> Value {
     let stored = Stored::new(
-        Compact::new(spec),
+        spec,
         Stamp {
             create_time: create_time.unwrap_or(t),
             update_time: t,
