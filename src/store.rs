@@ -257,9 +257,9 @@ impl Store {
     pub async fn get(&self, id: &ResourceId) -> Option<(Value, u64, u64)> {
         let inner = self.inner.lock().await;
         match id {
-            ResourceId::Route(k) => inner.route(k).map(|s| view(s, Some(k))),
-            ResourceId::Consumer(k) => inner.consumer(k).map(|s| view(s, None)),
-            ResourceId::Credential(u, k) => inner.credential(u, k).map(|s| view(s, Some(k))),
+            ResourceId::Route(k) => inner.route(k).map(|s| inner.view(s, Some(k))),
+            ResourceId::Consumer(k) => inner.consumer(k).map(|s| inner.view(s, None)),
+            ResourceId::Credential(u, k) => inner.credential(u, k).map(|s| inner.view(s, Some(k))),
         }
     }
 
@@ -271,13 +271,13 @@ impl Store {
             ListKind::Routes => layered(&inner.file.routes, &inner.admin.written.routes, |k| {
                 inner.admin.deleted.routes.contains(k)
             })
-            .map(|(k, s)| tag(ResourceId::Route(k.clone()), view(s, Some(k))))
+            .map(|(k, s)| tag(ResourceId::Route(k.clone()), inner.view(s, Some(k))))
             .collect(),
             ListKind::Consumers => {
                 layered(&inner.file.consumers, &inner.admin.written.consumers, |k| {
                     inner.admin.deleted.consumers.contains(&**k)
                 })
-                .map(|(k, s)| tag(ResourceId::Consumer(k.to_string()), view(s, None)))
+                .map(|(k, s)| tag(ResourceId::Consumer(k.to_string()), inner.view(s, None)))
                 .collect()
             }
             ListKind::Credentials(user) => {
@@ -304,7 +304,7 @@ impl Store {
                 .map(|((u, k), s)| {
                     tag(
                         ResourceId::Credential(u.to_string(), k.to_string()),
-                        view(s, Some(k)),
+                        inner.view(s, Some(k)),
                     )
                 })
                 .collect()
@@ -336,12 +336,13 @@ impl Store {
         let mut inner = self.inner.lock().await;
         if let Some(expected) = expected {
             let current = match &id {
-                ResourceId::Route(k) => inner.route(k).map(|s| s.stamp().modified_index),
-                ResourceId::Consumer(k) => inner.consumer(k).map(|s| s.stamp().modified_index),
+                ResourceId::Route(k) => inner.route(k).map(|s| inner.file.stamp_of(s)),
+                ResourceId::Consumer(k) => inner.consumer(k).map(|s| inner.file.stamp_of(s)),
                 ResourceId::Credential(u, k) => {
-                    inner.credential(u, k).map(|s| s.stamp().modified_index)
+                    inner.credential(u, k).map(|s| inner.file.stamp_of(s))
                 }
-            };
+            }
+            .map(|stamp| stamp.modified_index);
             if current != Some(expected) {
                 return Err(conflict(&id));
             }
@@ -359,10 +360,10 @@ impl Store {
                 let mut spec: RouteSpec = parse(body)?;
                 spec.id = Some(rid.clone());
                 let route = Arc::new(snapshot::compile_route(rid, &spec, &cx)?);
-                let old = inner.route(rid).cloned();
+                let old = inner.route(rid).map(|s| inner.file.stamp_of(s));
                 created = old.is_none();
-                let stored = restamp(&spec, old.as_ref(), t, index);
-                value = view(&stored, Some(rid)).0;
+                let stored = restamp(&spec, old, t, index);
+                value = inner.view(&stored, Some(rid)).0;
                 let undo = undo.route(&inner.admin, rid);
                 inner.admin.deleted.routes.remove(rid);
                 inner.admin.written.routes.insert(rid.clone(), stored);
@@ -392,10 +393,10 @@ impl Store {
                         )));
                     }
                 }
-                let old = inner.consumer(name).cloned();
+                let old = inner.consumer(name).map(|s| inner.file.stamp_of(s));
                 created = old.is_none();
-                let stored = restamp(&spec, old.as_ref(), t, index);
-                value = view(&stored, None).0;
+                let stored = restamp(&spec, old, t, index);
+                value = inner.view(&stored, None).0;
                 let undo = undo.consumer(&inner.admin, name);
                 inner.admin.deleted.consumers.remove(name);
                 // The compiled consumer's own name, so the store shares its allocation.
@@ -439,10 +440,10 @@ impl Store {
                     )));
                 }
                 let ck = (cred.username.clone(), id);
-                let old = inner.credential(user, cid).cloned();
+                let old = inner.credential(user, cid).map(|s| inner.file.stamp_of(s));
                 created = old.is_none();
-                let stored = restamp(&spec, old.as_ref(), t, index);
-                value = view(&stored, Some(cid)).0;
+                let stored = restamp(&spec, old, t, index);
+                value = inner.view(&stored, Some(cid)).0;
                 let undo = undo.credential(&inner.admin, &ck);
                 inner
                     .admin
@@ -549,6 +550,15 @@ impl Store {
 
 impl Inner {
     /// The route in force: an Admin write, else the file's unless deleted.
+    /// A resource as the Admin API shows it, with its own stamp or its config file's.
+    fn view<T: serde::Serialize + serde::de::DeserializeOwned>(
+        &self,
+        s: &Stored<T>,
+        id: Option<&str>,
+    ) -> (Value, u64, u64) {
+        view(s, self.file.stamp_of(s), id)
+    }
+
     fn route(&self, id: &str) -> Option<&Stored<RouteSpec>> {
         self.admin.written.routes.get(id).or_else(|| {
             (!self.admin.deleted.routes.contains(id))
@@ -859,18 +869,35 @@ mod tests {
         assert_eq!(ids, [json!("c1"), json!("c2")]);
     }
 
-    /// Every resource of a config file has the load time and index 0.
+    /// Every resource of a config file has the load time and index 0, kept once for
+    /// the file rather than in each resource.
     #[tokio::test]
-    async fn file_resources_carry_the_load_time_and_index_zero() {
+    async fn file_resources_show_the_load_time_and_index_zero() {
+        let before = now();
         let (_rt, s) = store(FILE, None);
-        let inner = s.inner.lock().await;
-        let stamps: Vec<_> = (inner.file.routes.values().map(Stored::stamp))
-            .chain(inner.file.consumers.values().map(Stored::stamp))
-            .collect();
-        assert_eq!(stamps.len(), 3);
-        assert!(stamps.iter().all(|s| *s == stamps[0]));
-        assert_eq!(stamps[0].create_time, stamps[0].update_time);
-        assert_eq!((stamps[0].created_index, stamps[0].modified_index), (0, 0));
+        {
+            let inner = s.inner.lock().await;
+            assert!(inner.file.routes.values().all(|r| r.stamp().is_none()));
+            assert!(inner.file.consumers.values().all(|c| c.stamp().is_none()));
+        }
+        for id in [
+            ResourceId::Route("f1".into()),
+            ResourceId::Consumer("alice".into()),
+        ] {
+            let (value, created, modified) = s.get(&id).await.unwrap();
+            assert_eq!((created, modified), (0, 0), "{id:?}");
+            let t = value["create_time"].as_i64().unwrap();
+            assert!(t >= before && t <= now(), "{id:?}: {t}");
+            assert_eq!(value["update_time"], t, "{id:?}");
+        }
+        // An Admin write over a file route keeps its creation and stamps its own update.
+        let (_, value) = s
+            .put(ResourceId::Route("f1".into()), json!({"uri": "/new"}))
+            .await
+            .unwrap();
+        let (_, created, modified) = s.get(&ResourceId::Route("f1".into())).await.unwrap();
+        assert_eq!((created, modified), (0, 1));
+        assert!(value["create_time"].as_i64().unwrap() >= before);
     }
 
     /// Without a second map of keys, the index itself says which keys a write

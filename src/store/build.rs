@@ -18,13 +18,6 @@ pub fn now() -> i64 {
 
 pub fn file_layer(config: &FileConfig) -> Result<Resources, String> {
     let t = now();
-    // Every resource of the file was loaded at `t`, with index 0.
-    let stamp = Stamp {
-        create_time: t,
-        update_time: t,
-        created_index: 0,
-        modified_index: 0,
-    };
     // Entries are gathered in file order, checked for duplicates by borrowed name, and
     // only then collected into the maps: a B-tree collected from entries is built from
     // them sorted, with full nodes, where inserting in (nearly) key order leaves nodes
@@ -41,7 +34,7 @@ pub fn file_layer(config: &FileConfig) -> Result<Resources, String> {
         if !seen.insert(id) {
             return Err(format!("at `routes[{i}].id`: duplicate route id {id:?}"));
         }
-        routes.push((id.to_owned(), Stored::new(route, stamp)));
+        routes.push((id.to_owned(), Stored::new(route, None)));
     }
     let mut consumers = Vec::with_capacity(config.consumers.len());
     let mut credentials = Vec::new();
@@ -60,7 +53,7 @@ pub fn file_layer(config: &FileConfig) -> Result<Resources, String> {
         // One allocation of the name for the consumer's key and its credentials' keys
         // (and, once compiled, for the compiled consumer and credentials).
         let key: Arc<str> = name.into();
-        consumers.push((key.clone(), Stored::from_compact(&entry.spec, stamp)));
+        consumers.push((key.clone(), Stored::from_compact(&entry.spec, None)));
         for (j, cred) in entry.credentials.iter().enumerate() {
             let Some(id) = cred.id.as_deref() else {
                 return Err(format!(
@@ -73,10 +66,17 @@ pub fn file_layer(config: &FileConfig) -> Result<Resources, String> {
                 ));
             }
             let id = ids.entry(id).or_insert_with(|| id.into()).clone();
-            credentials.push(((key.clone(), id), Stored::from_compact(&cred.spec, stamp)));
+            credentials.push(((key.clone(), id), Stored::from_compact(&cred.spec, None)));
         }
     }
     let res = Resources {
+        // Every resource of the file was loaded at `t`, with index 0.
+        declared: Stamp {
+            create_time: t,
+            update_time: t,
+            created_index: 0,
+            modified_index: 0,
+        },
         routes: routes.into_iter().collect(),
         consumers: consumers.into_iter().collect(),
         credentials: credentials.into_iter().collect(),

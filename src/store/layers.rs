@@ -85,16 +85,19 @@ impl<'de, T: Serialize + DeserializeOwned> Deserialize<'de> for Compact<T> {
 /// The store keeps one per route, consumer and credential (210k at 100k consumers).
 /// A 32-byte stamp kept beside the spec widened every B-tree slot; behind an `Arc`
 /// shared by a whole config file it cost nothing there but a 64-byte heap block per
-/// Admin write (13 MiB when 100k consumers came through the Admin API). Packed, a
-/// config file's stamp is 7 bytes and an Admin write's 11, and the slot holds
-/// one pointer. The state file still holds the four fields beside `spec`.
+/// Admin write (13 MiB when 100k consumers came through the Admin API). Packed, an
+/// Admin write's stamp is 11 bytes and the slot holds one pointer. A config file's
+/// resources have no stamp of their own — they were all loaded at once, and their
+/// layer holds the one stamp ([`Resources::declared`]) — so they are the spec's
+/// text alone, which always starts with `{` where a packed stamp's length cannot.
+/// The state file still holds the four fields beside `spec`.
 pub struct Stored<T> {
     packed: Box<[u8]>,
     kind: PhantomData<fn() -> T>,
 }
 
 /// APISIX's times and etcd-style indexes of a stored resource.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Stamp {
     pub create_time: i64,
     pub update_time: i64,
@@ -119,7 +122,8 @@ struct PackedStamp {
 }
 
 impl<T: Serialize + DeserializeOwned> Stored<T> {
-    pub fn new(spec: &T, stamp: Stamp) -> Self {
+    /// `stamp` is `None` for a config file's resources (see [`Stored`]).
+    pub fn new(spec: &T, stamp: Option<Stamp>) -> Self {
         let mut packed = Self::stamped(stamp, 128);
         // Specs are plain data (strings, numbers, maps with string keys): their
         // serialisation cannot fail.
@@ -128,7 +132,7 @@ impl<T: Serialize + DeserializeOwned> Stored<T> {
     }
 
     /// A spec already kept as text (a config file's consumers), copied as it is.
-    pub fn from_compact(spec: &Compact<T>, stamp: Stamp) -> Self {
+    pub fn from_compact(spec: &Compact<T>, stamp: Option<Stamp>) -> Self {
         let mut packed = Self::stamped(stamp, spec.json.len());
         packed.extend_from_slice(spec.json.as_bytes());
         Self::from_packed(packed)
@@ -147,12 +151,17 @@ impl<T: Serialize + DeserializeOwned> Stored<T> {
 }
 
 impl<T> Stored<T> {
-    pub fn stamp(&self) -> Stamp {
+    /// The resource's own stamp; `None` for a config file's resources, which their
+    /// layer stamps ([`Resources::stamp_of`]).
+    pub fn stamp(&self) -> Option<Stamp> {
         self.parts().0
     }
 
-    /// A buffer holding the packed stamp, with room for `spec_len` bytes of spec.
-    fn stamped(stamp: Stamp, spec_len: usize) -> Vec<u8> {
+    /// A buffer holding the packed stamp, if any, with room for `spec_len` bytes of spec.
+    fn stamped(stamp: Option<Stamp>, spec_len: usize) -> Vec<u8> {
+        let Some(stamp) = stamp else {
+            return Vec::with_capacity(spec_len);
+        };
         let packed = PackedStamp {
             create_time: stamp.create_time,
             updated_after: stamp.update_time.wrapping_sub(stamp.create_time),
@@ -167,6 +176,7 @@ impl<T> Stored<T> {
     }
 
     fn from_packed(packed: Vec<u8>) -> Self {
+        debug_assert!(packed.contains(&b'{'), "a spec is a JSON object");
         Stored {
             packed: packed.into_boxed_slice(),
             kind: PhantomData,
@@ -174,8 +184,12 @@ impl<T> Stored<T> {
     }
 
     /// The stamp and the spec's JSON text.
-    fn parts(&self) -> (Stamp, &[u8]) {
+    fn parts(&self) -> (Option<Stamp>, &[u8]) {
         let mut rest = &self.packed[..];
+        // A spec is a JSON object; a packed stamp's length is at most 44.
+        if rest.first() == Some(&b'{') {
+            return (None, rest);
+        }
         // Only `stamped` writes these bytes, so they always decode.
         let p: PackedStamp = prost::Message::decode_length_delimited(&mut rest)
             .expect("a stamp packed by Stored::stamped");
@@ -185,7 +199,7 @@ impl<T> Stored<T> {
             created_index: p.created_index,
             modified_index: p.created_index.wrapping_add(p.modified_after as u64),
         };
-        (stamp, rest)
+        (Some(stamp), rest)
     }
 }
 
@@ -208,14 +222,15 @@ impl<T> fmt::Debug for Stored<T> {
     }
 }
 
-/// The state file's form: the spec itself beside the stamp's four fields.
+/// The state file's form: the spec itself beside the stamp's four fields. Only the
+/// Admin layer is persisted, and all its resources have a stamp of their own.
 impl<T: Serialize + DeserializeOwned> Serialize for Stored<T> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         #[derive(Serialize)]
         struct Fields {
             spec: Value,
             #[serde(flatten)]
-            stamp: Stamp,
+            stamp: Option<Stamp>,
         }
         Fields {
             spec: self.value(),
@@ -241,12 +256,12 @@ impl<'de, T: Serialize + DeserializeOwned> Deserialize<'de> for Stored<T> {
         let f = Fields::<T>::deserialize(d)?;
         Ok(Stored::new(
             &f.spec,
-            Stamp {
+            Some(Stamp {
                 create_time: f.create_time,
                 update_time: f.update_time,
                 created_index: f.created_index,
                 modified_index: f.modified_index,
-            },
+            }),
         ))
     }
 }
@@ -254,6 +269,11 @@ impl<'de, T: Serialize + DeserializeOwned> Deserialize<'de> for Stored<T> {
 /// Read only as part of the state file (`StateFields`).
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Resources {
+    /// The stamp of the resources without one of their own: a config file's, all
+    /// loaded at the same time with index 0. Zero in the Admin layer, whose resources
+    /// all have their own.
+    #[serde(skip)]
+    pub declared: Stamp,
     pub routes: BTreeMap<String, Stored<RouteSpec>>,
     /// Keyed by the consumer's name as the compiled consumer and its credentials
     /// hold it: one allocation for the four places a name is kept.
@@ -261,6 +281,14 @@ pub struct Resources {
     /// Keyed by (username, credential id).
     #[serde(with = "credential_map")]
     pub credentials: CredentialMap,
+}
+
+impl Resources {
+    /// A resource's stamp: its own, or its config file's. Either layer's resources
+    /// may be passed to the file layer's `stamp_of`.
+    pub fn stamp_of<T>(&self, s: &Stored<T>) -> Stamp {
+        s.stamp().unwrap_or(self.declared)
+    }
 }
 
 /// A map read from its entries in one go: a B-tree collected from entries is built
@@ -413,6 +441,7 @@ impl From<StateFields> for StateFile {
             version: f.version,
             index: f.index,
             written: Resources {
+                declared: Stamp::default(),
                 routes: f.routes,
                 consumers,
                 credentials,
@@ -556,28 +585,31 @@ pub fn overlay<'a, K: Ord + 'a, V: 'a>(
     })
 }
 
+/// A written spec's stamp, keeping the creation of what it replaces (`old`'s stamp).
 pub fn restamp<T: Serialize + DeserializeOwned>(
     spec: &T,
-    old: Option<&Stored<T>>,
+    old: Option<Stamp>,
     t: i64,
     index: u64,
 ) -> Stored<T> {
-    let old = old.map(Stored::stamp);
     Stored::new(
         spec,
-        Stamp {
+        Some(Stamp {
             create_time: old.map_or(t, |o| o.create_time),
             update_time: t,
             created_index: old.map_or(index, |o| o.created_index),
             modified_index: index,
-        },
+        }),
     )
 }
 
 /// The `value` APISIX shows: the spec with its id and times.
-pub fn view<T: Serialize + DeserializeOwned>(s: &Stored<T>, id: Option<&str>) -> (Value, u64, u64) {
+pub fn view<T: Serialize + DeserializeOwned>(
+    s: &Stored<T>,
+    stamp: Stamp,
+    id: Option<&str>,
+) -> (Value, u64, u64) {
     let mut v = s.value();
-    let stamp = s.stamp();
     if let Value::Object(map) = &mut v {
         if let Some(id) = id {
             map.insert("id".into(), Value::String(id.to_owned()));
@@ -597,21 +629,24 @@ mod tests {
         let spec: RouteSpec = serde_json::from_str(r#"{"uri": "/a"}"#).unwrap();
         let json_len = serde_json::to_string(&spec).unwrap().len();
         let t = 1_764_000_000;
-        let stamp = |create_time, update_time, created_index, modified_index| Stamp {
-            create_time,
-            update_time,
-            created_index,
-            modified_index,
+        let stamp = |create_time, update_time, created_index, modified_index| {
+            Some(Stamp {
+                create_time,
+                update_time,
+                created_index,
+                modified_index,
+            })
         };
-        // (stamp, bytes it adds to the spec's text; 0: not checked)
+        // (stamp, bytes it adds to the spec's text; None: not checked)
         let cases = [
             // A config file's resources, an Admin write, an update made later.
-            (stamp(t, t, 0, 0), 7),
-            (stamp(t, t, 210_000, 210_000), 11),
-            (stamp(t, t + 90, 7, 210_000), 16),
+            (None, Some(0)),
+            (stamp(t, t, 210_000, 210_000), Some(11)),
+            (stamp(t, t + 90, 7, 210_000), Some(16)),
             // Whatever a hand-edited state file says.
-            (stamp(i64::MIN, i64::MAX, u64::MAX, 0), 0),
-            (stamp(-1, -5, 9, 3), 0),
+            (stamp(i64::MIN, i64::MAX, u64::MAX, 0), None),
+            (stamp(-1, -5, 9, 3), None),
+            (stamp(0, 0, 0, 0), Some(1)),
         ];
         for (stamp, packed_len) in cases {
             let stored = Stored::new(&spec, stamp);
@@ -619,8 +654,8 @@ mod tests {
             assert_eq!(stored.spec().unwrap().uri, spec.uri);
             let copied = Stored::from_compact(&Compact::new(&spec), stamp);
             assert_eq!(copied.packed, stored.packed);
-            if packed_len > 0 {
-                assert_eq!(stored.packed.len() - json_len, packed_len, "{stamp:?}");
+            if let Some(len) = packed_len {
+                assert_eq!(stored.packed.len() - json_len, len, "{stamp:?}");
             }
         }
         assert_eq!(
@@ -655,7 +690,7 @@ mod tests {
         // A credential whose consumer is not in this layer (it is in the file) keeps its own.
         assert_eq!(&*keys[2].0, "carol");
         assert_eq!(
-            w.consumers["bob"].stamp(),
+            w.consumers["bob"].stamp().unwrap(),
             serde_json::from_str::<Stamp>(&format!("{{{stamp}}}")).unwrap()
         );
     }

@@ -41,12 +41,12 @@ impl<T: serde::Serialize + serde::de::DeserializeOwned> Unstamped<T> {
     fn stored(&self, created: u64, modified: u64) -> Stored<T> {
         Stored::new(
             &self.spec,
-            Stamp {
+            Some(Stamp {
                 create_time: self.create_time,
                 update_time: self.update_time,
                 created_index: created,
                 modified_index: modified,
-            },
+            }),
         )
     }
 }
@@ -110,17 +110,15 @@ impl Inner {
 
     fn modified_index(&self, id: &ResourceId) -> Option<u64> {
         let w = &self.admin.written;
-        match id {
-            ResourceId::Route(k) => w.routes.get(k).map(|s| s.stamp().modified_index),
-            ResourceId::Consumer(k) => w
-                .consumers
-                .get(k.as_str())
-                .map(|s| s.stamp().modified_index),
+        let stamp = match id {
+            ResourceId::Route(k) => w.routes.get(k).map(|s| self.file.stamp_of(s)),
+            ResourceId::Consumer(k) => w.consumers.get(k.as_str()).map(|s| self.file.stamp_of(s)),
             ResourceId::Credential(u, k) => w
                 .credentials
                 .get(&(u.as_str().into(), k.as_str().into()))
-                .map(|s| s.stamp().modified_index),
-        }
+                .map(|s| self.file.stamp_of(s)),
+        };
+        stamp.map(|s| s.modified_index)
     }
 
     fn put_route(

@@ -69,7 +69,7 @@ fn changes_update_the_mirror_and_the_credential_index() {
     let c = inner.consumers.credential("jwt-auth", "kc").unwrap();
     assert_eq!(c.credential_id.as_deref(), Some("c1"));
     let stored = inner.consumer("alice").unwrap();
-    let stamp = stored.stamp();
+    let stamp = stored.stamp().unwrap();
     assert_eq!((stamp.create_time, stamp.update_time), (1, 2));
     assert_eq!((stamp.created_index, stamp.modified_index), (5, 5));
 

@@ -152,14 +152,11 @@ fn stamp<T: serde::Serialize + serde::de::DeserializeOwned>(
     create_time: Option<i64>,
     t: i64,
 ) -> Value {
-    let stored = Stored::new(
-        spec,
-        Stamp {
-            create_time: create_time.unwrap_or(t),
-            update_time: t,
-            created_index: 0,
-            modified_index: 0,
-        },
-    );
-    view(&stored, id.map(String::as_str)).0
+    let stamp = Stamp {
+        create_time: create_time.unwrap_or(t),
+        update_time: t,
+        created_index: 0,
+        modified_index: 0,
+    };
+    view(&Stored::new(spec, None), stamp, id.map(String::as_str)).0
 }
