@@ -610,7 +610,7 @@ impl Inner {
 }
 
 /// Reads the state file, which portcullis writes as JSON (a hand-edited one may be
-/// YAML): as JSON, 100k stored consumers peak at 137 MiB while starting, where
+/// YAML): as JSON, 100k stored consumers peak at 130 MiB while starting, where
 /// serde_yaml's whole-document events took 0.9 GB.
 fn read_state(text: &str) -> Result<StateFile, String> {
     crate::config::read_json_or_yaml(text, false).map_err(|e| match e.path.as_str() {
