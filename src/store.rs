@@ -744,6 +744,11 @@ mod tests {
         }
         let written = std::fs::read_to_string(&state).unwrap();
         assert!(written.starts_with('{'), "{written}");
+        // Each spec as the store keeps it, not parsed and printed again.
+        assert!(
+            written.contains(r#""spec": {"id":"a1","uri":"/a1"}"#),
+            "{written}"
+        );
         expect(store(FILE, Some(state.clone()))).await;
 
         // The same content as block YAML, then as a YAML flow mapping (not JSON).
