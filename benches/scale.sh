@@ -2,11 +2,16 @@
 # Scale benchmark: portcullis with many consumers and routes (default 100k and 10k).
 #
 #   benches/scale.sh [--consumers N] [--routes N] [--writes N] [--connections N]
-#                    [--format yaml|json] [--portcullis PATH] [--keep]
+#                    [--format yaml|json] [--via config|admin] [--portcullis PATH] [--keep]
+#
+# --via config (default): the resources are in the config file, written as --format
+# (default yaml). --via admin: they are in the state file, as the Admin API writes
+# it, and the config file names only the listeners, the Admin key and that file —
+# a replica restarted after its resources came through the Admin API (each Admin
+# write then rewrites the whole state file).
 #
 # Measures, on 127.0.0.1 with free ports:
-#   startup   process start → /readyz 200 (config parsed, everything compiled), the
-#             config file written as --format (default yaml);
+#   startup   process start → /readyz 200 (config parsed, everything compiled);
 #   RSS       VmRSS and VmHWM at ready, 2 s later (settled), and after the writes;
 #   writes    for each of --writes Admin API writes (alternately a new route and a
 #             consumer update): PUT latency and the time until a Check for the new
@@ -24,6 +29,7 @@ ROUTES=10000
 WRITES=20
 CONNECTIONS=8
 FORMAT=yaml
+VIA=config
 PORTCULLIS=""
 KEEP=0
 while [ $# -gt 0 ]; do
@@ -33,9 +39,10 @@ while [ $# -gt 0 ]; do
     --writes) WRITES=$2; shift 2 ;;
     --connections) CONNECTIONS=$2; shift 2 ;;
     --format) FORMAT=$2; shift 2 ;;
+    --via) VIA=$2; shift 2 ;;
     --portcullis) PORTCULLIS=$2; shift 2 ;;
     --keep) KEEP=1; shift ;;
-    -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
 done
@@ -50,6 +57,7 @@ GRPC_PORT=$(free_port); HTTP_PORT=$(free_port); ADMIN_PORT=$(free_port)
 KEY=$(openssl rand -hex 16)
 
 case "$FORMAT" in yaml|json) ;; *) echo "--format: yaml or json, not $FORMAT" >&2; exit 2 ;; esac
+case "$VIA" in config|admin) ;; *) echo "--via: config or admin, not $VIA" >&2; exit 2 ;; esac
 CONFIG="$WORK/scale.$FORMAT"
 
 # Consumers get a jwt-auth credential each when this build has jwt-auth (probed
@@ -67,10 +75,13 @@ else
 fi
 
 # Routes: APISIX-style prefixes; consumers with labels. One resource per line in either
-# format (YAML flow mappings as a person would write them, or JSON).
-python3 - "$CONFIG" "$CONSUMERS" "$ROUTES" "$GRPC_PORT" "$HTTP_PORT" "$ADMIN_PORT" "$KEY" "$WORK" "$WITH_CREDS" "$FORMAT" <<'EOF'
-import json, sys
-out, consumers, routes, grpc, http, admin, key, work, creds, fmt = sys.argv[1:]
+# format (YAML flow mappings as a person would write them, or JSON). Through the
+# Admin API: the same resources in the state file portcullis writes (each spec as
+# the Admin API keeps it: a route's with its id, a credential's without), every one
+# with its own stamp, as that many writes would have left them.
+python3 - "$CONFIG" "$CONSUMERS" "$ROUTES" "$GRPC_PORT" "$HTTP_PORT" "$ADMIN_PORT" "$KEY" "$WORK" "$WITH_CREDS" "$FORMAT" "$VIA" <<'EOF'
+import json, sys, time
+out, consumers, routes, grpc, http, admin, key, work, creds, fmt, via = sys.argv[1:]
 def route(i):
     return {"id": f"r{i}", "uri": f"/svc{i}/*", "methods": ["GET", "POST"]}
 def consumer(i):
@@ -87,15 +98,33 @@ def flow(v):
     return json.dumps(v) if ("/" in v or ":" in v) else v
 head = {"listen": {"grpc": f"127.0.0.1:{grpc}", "http": f"127.0.0.1:{http}", "admin": f"127.0.0.1:{admin}"},
         "admin": {"api_key": key}, "state_file": f"{work}/state.json"}
+if via == "admin":
+    t, index = int(time.time()), 0
+    def stamped(spec):
+        global index
+        index += 1
+        return {"spec": spec, "create_time": t, "update_time": t, "created_index": index, "modified_index": index}
+    state = {"version": 1, "routes": {}, "consumers": {}, "credentials": {}}
+    for i in range(int(routes)):
+        state["routes"][f"r{i}"] = stamped(route(i))
+    for i in range(int(consumers)):
+        c = consumer(i)
+        for cred in c.pop("credentials", []):
+            state["credentials"][f"{c['username']}/{cred.pop('id')}"] = stamped(cred)
+        state["consumers"][c["username"]] = stamped(c)
+    state["index"] = index
+    with open(head["state_file"], "w") as f:
+        json.dump(state, f, indent=2)
+    routes = consumers = 0
 with open(out, "w") as f:
     if fmt == "json":
         f.write("{\n" + "".join(f"  {json.dumps(k)}: {json.dumps(v)},\n" for k, v in head.items()))
-        f.write('  "routes": [\n' + ",\n".join("    " + json.dumps(route(i)) for i in range(int(routes))) + "\n  ],\n")
-        f.write('  "consumers": [\n' + ",\n".join("    " + json.dumps(consumer(i)) for i in range(int(consumers))) + "\n  ]\n}\n")
+        f.write('  "routes": [' + ",".join("\n    " + json.dumps(route(i)) for i in range(int(routes))) + "\n  ],\n")
+        f.write('  "consumers": [' + ",".join("\n    " + json.dumps(consumer(i)) for i in range(int(consumers))) + "\n  ]\n}\n")
     else:
         f.write("".join(f"{k}: {flow(v) if isinstance(v, dict) else v}\n" for k, v in head.items()))
-        f.write("routes:\n" + "".join(f"  - {flow(route(i))}\n" for i in range(int(routes))))
-        f.write("consumers:\n" + "".join(f"  - {flow(consumer(i))}\n" for i in range(int(consumers))))
+        f.write("routes:" + ("".join(f"\n  - {flow(route(i))}" for i in range(int(routes))) or " []") + "\n")
+        f.write("consumers:" + ("".join(f"\n  - {flow(consumer(i))}" for i in range(int(consumers))) or " []") + "\n")
 EOF
 
 rss() { awk '/^VmRSS|^VmHWM/ { printf "%s %.0f MiB  ", $1, $2 / 1024 }' "/proc/$1/status"; }
@@ -110,13 +139,22 @@ until curl -fs -o /dev/null "http://127.0.0.1:$HTTP_PORT/readyz"; do
   sleep 0.02
 done
 ready=$(now_ms)
-echo "config: $ROUTES routes, $CONSUMERS consumers with $CREDS ($(du -h "$CONFIG" | cut -f1) of ${FORMAT^^})"
+if [ "$VIA" = admin ]; then
+  echo "state file (as the Admin API writes it): $ROUTES routes, $CONSUMERS consumers with $CREDS ($(du -h "$WORK/state.json" | cut -f1) of JSON)"
+else
+  echo "config: $ROUTES routes, $CONSUMERS consumers with $CREDS ($(du -h "$CONFIG" | cut -f1) of ${FORMAT^^})"
+fi
 echo "startup to ready: $((ready - start)) ms"
 echo "memory at ready: $(rss "$PC")"
 # The loader's garbage is handed back to the OS just after the snapshot is published
 # (src/memory.rs); what a replica keeps is the RSS once that has run.
 sleep 2
 echo "memory after startup (settled, 2 s after ready): $(rss "$PC")"
+# Everything generated was loaded: the last consumer (and its credential) is served.
+last="consumers/user$((CONSUMERS - 1))"
+[ "$WITH_CREDS" = 1 ] && last="$last/credentials/cred-user$((CONSUMERS - 1))-jwt-auth"
+code=$(curl -s -o /dev/null -w '%{http_code}' -H "X-API-KEY: $KEY" "http://127.0.0.1:$ADMIN_PORT/apisix/admin/$last")
+[ "$code" = 200 ] || { echo "GET /apisix/admin/$last answered $code: not loaded" >&2; exit 1; }
 
 CHECK_URL="http://127.0.0.1:$GRPC_PORT/envoy.service.auth.v3.Authorization/Check"
 "$PY" "$ROOT/benches/check_body.py" "$WORK/body.bin" "/svc$((ROUTES / 2))/items/1"
