@@ -54,7 +54,7 @@ done
 if [ "$SMOKE" = 1 ]; then RUNS=1; DURATION=2; CONNECTIONS=4; fi
 
 . "$ROOT/benches/common.sh"
-need_tools load.sh envoy wrk h2load openssl python3 curl
+need_tools load.sh envoy wrk h2load openssl python3 curl xxd
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 [ -x "$NGINX" ] || { echo "load.sh needs nginx (Debian package nginx)" >&2; exit 1; }
 

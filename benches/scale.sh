@@ -47,7 +47,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 . "$ROOT/benches/common.sh"
-need_tools scale.sh h2load python3 curl
+need_tools scale.sh h2load openssl python3 curl xxd
 build_portcullis
 
 make_workdir scale
