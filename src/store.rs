@@ -553,7 +553,6 @@ impl Store {
 }
 
 impl Inner {
-    /// The route in force: an Admin write, else the file's unless deleted.
     /// A resource as the Admin API shows it, with its own stamp or its config file's.
     fn view<T: serde::Serialize + serde::de::DeserializeOwned>(
         &self,
@@ -563,6 +562,7 @@ impl Inner {
         view(s, self.file.stamp_of(s), id)
     }
 
+    /// The route in force: an Admin write, else the file's unless deleted.
     fn route(&self, id: &str) -> Option<&Stored<RouteSpec>> {
         self.admin.written.routes.get(id).or_else(|| {
             (!self.admin.deleted.routes.contains(id))

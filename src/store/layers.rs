@@ -125,17 +125,19 @@ impl<T: Serialize + DeserializeOwned> Stored<T> {
     /// `stamp` is `None` for a config file's resources (see [`Stored`]).
     pub fn new(spec: &T, stamp: Option<Stamp>) -> Self {
         let mut packed = Self::stamped(stamp, 128);
+        let spec_at = packed.len();
         // Specs are plain data (strings, numbers, maps with string keys): their
         // serialisation cannot fail.
         serde_json::to_writer(&mut packed, spec).expect("a spec serialises to JSON");
-        Self::from_packed(packed)
+        Self::from_packed(packed, spec_at)
     }
 
     /// A spec already kept as text (a config file's consumers), copied as it is.
     pub fn from_compact(spec: &Compact<T>, stamp: Option<Stamp>) -> Self {
         let mut packed = Self::stamped(stamp, spec.json.len());
+        let spec_at = packed.len();
         packed.extend_from_slice(spec.json.as_bytes());
-        Self::from_packed(packed)
+        Self::from_packed(packed, spec_at)
     }
 
     /// The spec, parsed again. It was written from a valid spec, so this fails only
@@ -175,8 +177,9 @@ impl<T> Stored<T> {
         buf
     }
 
-    fn from_packed(packed: Vec<u8>) -> Self {
-        debug_assert!(packed.contains(&b'{'), "a spec is a JSON object");
+    fn from_packed(packed: Vec<u8>, spec_at: usize) -> Self {
+        // `parts` tells a stamp from none by this `{`.
+        debug_assert_eq!(packed.get(spec_at), Some(&b'{'), "a spec is a JSON object");
         Stored {
             packed: packed.into_boxed_slice(),
             kind: PhantomData,
