@@ -271,7 +271,7 @@ impl<'de, T: Serialize + DeserializeOwned> Deserialize<'de> for Stored<T> {
     }
 }
 
-/// Read only as part of the state file (`StateFields`).
+/// Read only as part of the state file (`StateFile`'s own reader).
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Resources {
     /// The stamp of the resources without one of their own: a config file's, all
@@ -346,22 +346,14 @@ where
     Ok(entries.into_iter().collect())
 }
 
-/// JSON objects need string keys: credentials persist as `"user/id"`.
+/// JSON objects need string keys: credentials persist as `"user/id"`. Read back by
+/// [`CredentialsSeed`], which needs the consumers read before them.
 mod credential_map {
     use super::*;
-    use serde::{Deserializer, Serializer};
+    use serde::Serializer;
 
     pub fn serialize<S: Serializer>(map: &CredentialMap, s: S) -> Result<S::Ok, S::Error> {
         s.collect_map(map.iter().map(|((u, id), v)| (format!("{u}/{id}"), v)))
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<CredentialMap, D::Error> {
-        map_entries(d, |k: String| {
-            let (u, id) = k
-                .split_once('/')
-                .ok_or_else(|| format!("bad credential key {k:?}"))?;
-            Ok((u.into(), id.into()))
-        })
     }
 }
 
@@ -390,8 +382,7 @@ impl Tombstones {
 }
 
 /// The state file: the Admin API layer. JSON, which is also valid YAML.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(from = "StateFields")]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct StateFile {
     pub version: u32,
     pub index: u64,
@@ -401,58 +392,202 @@ pub struct StateFile {
     pub deleted: Tombstones,
 }
 
-/// The state file as read: `written`'s maps named one by one, because a flattened
-/// field makes serde buffer every key it does not know (here, every resource) as
-/// an untyped tree first — over 100 MB at 100k consumers.
-#[derive(Deserialize)]
-struct StateFields {
-    version: u32,
-    index: u64,
-    #[serde(default, deserialize_with = "packed_map")]
-    routes: BTreeMap<String, Stored<RouteSpec>>,
-    #[serde(default, deserialize_with = "packed_map")]
-    consumers: BTreeMap<Arc<str>, Stored<ConsumerSpec>>,
-    #[serde(default, with = "credential_map")]
-    credentials: CredentialMap,
-    #[serde(default)]
-    deleted: Tombstones,
+/// Read key by key rather than derived: a flattened field makes serde buffer every
+/// key it does not know (here, every resource) as an untyped tree first — over
+/// 100 MB at 100k consumers; and the credentials, which portcullis writes after the
+/// consumers, are keyed by their consumer's own name (`CredentialsSeed`).
+impl<'de> Deserialize<'de> for StateFile {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_map(StateVisitor)
+    }
 }
 
-impl From<StateFields> for StateFile {
-    /// A credential's username becomes its consumer's own `Arc`, and equal credential
-    /// ids one `Arc`, as Admin writes and the file layer keep them: one allocation per
-    /// name, shared by the keys and the compiled credentials (3 MiB at 100k).
-    fn from(f: StateFields) -> Self {
-        let consumers = f.consumers;
-        let mut ids: HashSet<Arc<str>> = HashSet::new();
-        let credentials = f
-            .credentials
-            .into_iter()
-            .map(|((user, id), stored)| {
-                let user = consumers
-                    .get_key_value(&*user)
-                    .map_or(user, |(name, _)| name.clone());
-                let id = match ids.get(&*id) {
-                    Some(shared) => shared.clone(),
-                    None => {
-                        ids.insert(id.clone());
-                        id
-                    }
-                };
-                ((user, id), stored)
-            })
-            .collect();
-        StateFile {
-            version: f.version,
-            index: f.index,
+#[derive(Deserialize)]
+#[serde(field_identifier, rename_all = "snake_case")]
+enum StateKey {
+    Version,
+    Index,
+    Routes,
+    Consumers,
+    Credentials,
+    Deleted,
+    #[serde(other)]
+    Other,
+}
+
+struct StateVisitor;
+
+impl<'de> serde::de::Visitor<'de> for StateVisitor {
+    type Value = StateFile;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(
+            "portcullis's state file (version, index, routes, consumers, credentials, deleted)",
+        )
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<StateFile, A::Error> {
+        use serde::de::Error;
+        fn once<T, E: Error>(slot: &Option<T>, name: &'static str) -> Result<(), E> {
+            match slot {
+                Some(_) => Err(E::duplicate_field(name)),
+                None => Ok(()),
+            }
+        }
+        let (mut version, mut index, mut deleted) = (None, None, None);
+        let (mut routes, mut consumers, mut credentials) = (None, None, None);
+        let mut ids = HashSet::new();
+        while let Some(key) = m.next_key::<StateKey>()? {
+            match key {
+                StateKey::Version => {
+                    once(&version, "version")?;
+                    version = Some(m.next_value()?);
+                }
+                StateKey::Index => {
+                    once(&index, "index")?;
+                    index = Some(m.next_value()?);
+                }
+                StateKey::Routes => {
+                    once(&routes, "routes")?;
+                    routes = Some(m.next_value::<Packed<String, Stored<RouteSpec>>>()?.0);
+                }
+                StateKey::Consumers => {
+                    once(&consumers, "consumers")?;
+                    consumers = Some(m.next_value::<Packed<Arc<str>, Stored<ConsumerSpec>>>()?.0);
+                }
+                StateKey::Credentials => {
+                    once(&credentials, "credentials")?;
+                    credentials = Some(m.next_value_seed(CredentialsSeed {
+                        consumers: consumers.as_ref(),
+                        ids: &mut ids,
+                    })?);
+                }
+                StateKey::Deleted => {
+                    once(&deleted, "deleted")?;
+                    deleted = Some(m.next_value()?);
+                }
+                StateKey::Other => {
+                    m.next_value::<serde::de::IgnoredAny>()?;
+                }
+            }
+        }
+        let consumers = consumers.unwrap_or_default();
+        let mut credentials = credentials.unwrap_or_default();
+        // Hand-edited, the credentials may come first: their names are then shared now.
+        if credentials.keys().any(|(user, _)| {
+            consumers
+                .get_key_value(&**user)
+                .is_some_and(|(name, _)| !Arc::ptr_eq(name, user))
+        }) {
+            credentials = credentials
+                .into_iter()
+                .map(|((user, id), stored)| ((shared_name(&consumers, &user), id), stored))
+                .collect();
+        }
+        Ok(StateFile {
+            version: version.ok_or_else(|| A::Error::missing_field("version"))?,
+            index: index.ok_or_else(|| A::Error::missing_field("index"))?,
             written: Resources {
                 declared: Stamp::default(),
-                routes: f.routes,
+                routes: routes.unwrap_or_default(),
                 consumers,
                 credentials,
             },
-            deleted: f.deleted,
+            deleted: deleted.unwrap_or_default(),
+        })
+    }
+}
+
+/// A map read by [`packed_map`].
+struct Packed<K, V>(BTreeMap<K, V>);
+
+impl<'de, K: Ord + Deserialize<'de>, V: Deserialize<'de>> Deserialize<'de> for Packed<K, V> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        packed_map(d).map(Packed)
+    }
+}
+
+/// `user`'s consumer's own name if it has one in `consumers`, else a new one.
+fn shared_name(consumers: &BTreeMap<Arc<str>, Stored<ConsumerSpec>>, user: &str) -> Arc<str> {
+    consumers
+        .get_key_value(user)
+        .map_or_else(|| user.into(), |(name, _)| name.clone())
+}
+
+/// The credentials map of a state file, keyed as Admin writes and the file layer key
+/// it: a credential's username is its consumer's own `Arc` and equal ids are one
+/// `Arc`, found from the `"user/id"` text without allocating either again. Reading
+/// them as strings and swapping them afterwards left 100k freed blocks (and a whole
+/// freed B-tree) among what the store keeps.
+struct CredentialsSeed<'a> {
+    consumers: Option<&'a BTreeMap<Arc<str>, Stored<ConsumerSpec>>>,
+    ids: &'a mut HashSet<Arc<str>>,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for CredentialsSeed<'_> {
+    type Value = CredentialMap;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<CredentialMap, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for CredentialsSeed<'_> {
+    type Value = CredentialMap;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a map of credentials keyed \"user/id\"")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<CredentialMap, A::Error> {
+        let empty = BTreeMap::new();
+        let consumers = self.consumers.unwrap_or(&empty);
+        let mut out = Vec::with_capacity(m.size_hint().unwrap_or(0));
+        while let Some(key) = m.next_key_seed(CredentialKeySeed {
+            consumers,
+            ids: &mut *self.ids,
+        })? {
+            out.push((key, m.next_value::<Stored<CredentialSpec>>()?));
         }
+        // Packed like `packed_map`'s maps; a repeated key keeps its last value.
+        Ok(out.into_iter().collect())
+    }
+}
+
+/// One `"user/id"` key, read from the text the deserializer holds.
+struct CredentialKeySeed<'a> {
+    consumers: &'a BTreeMap<Arc<str>, Stored<ConsumerSpec>>,
+    ids: &'a mut HashSet<Arc<str>>,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for CredentialKeySeed<'_> {
+    type Value = CredentialKey;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<CredentialKey, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for CredentialKeySeed<'_> {
+    type Value = CredentialKey;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a credential key \"user/id\"")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, k: &str) -> Result<CredentialKey, E> {
+        let (user, id) = k
+            .split_once('/')
+            .ok_or_else(|| E::custom(format!("bad credential key {k:?}")))?;
+        let id = match self.ids.get(id) {
+            Some(shared) => shared.clone(),
+            None => {
+                let id: Arc<str> = id.into();
+                self.ids.insert(id.clone());
+                id
+            }
+        };
+        Ok((shared_name(self.consumers, user), id))
     }
 }
 
@@ -675,28 +810,67 @@ mod tests {
         let stamp =
             r#""create_time": 1, "update_time": 2, "created_index": 3, "modified_index": 4"#;
         let cred = format!(r#"{{"spec": {{"plugins": {{}}}}, {stamp}}}"#);
-        let text = format!(
-            r#"{{"version": 1, "index": 9,
-                "routes": {{"r": {{"spec": {{"uri": "/a"}}, {stamp}}},
-                            "r": {{"spec": {{"uri": "/b"}}, {stamp}}}}},
-                "consumers": {{"alice": {{"spec": {{"username": "alice"}}, {stamp}}},
-                               "bob": {{"spec": {{"username": "bob"}}, {stamp}}}}},
-                "credentials": {{"alice/jwt": {cred}, "bob/jwt": {cred}, "carol/x": {cred}}}}}"#
+        let consumers = format!(
+            r#""consumers": {{"alice": {{"spec": {{"username": "alice"}}, {stamp}}},
+                              "bob": {{"spec": {{"username": "bob"}}, {stamp}}}}}"#
         );
-        let state: StateFile = serde_json::from_str(&text).unwrap();
-        let w = &state.written;
-        assert_eq!(w.routes.len(), 1);
-        assert!(w.routes["r"].spec().unwrap().uri.as_deref() == Some("/b"));
-        let name = |n: &str| w.consumers.get_key_value(n).unwrap().0.clone();
-        let keys: Vec<_> = w.credentials.keys().cloned().collect();
-        assert!(Arc::ptr_eq(&keys[0].0, &name("alice")));
-        assert!(Arc::ptr_eq(&keys[1].0, &name("bob")));
-        assert!(Arc::ptr_eq(&keys[0].1, &keys[1].1), "one `jwt` id");
-        // A credential whose consumer is not in this layer (it is in the file) keeps its own.
-        assert_eq!(&*keys[2].0, "carol");
-        assert_eq!(
-            w.consumers["bob"].stamp().unwrap(),
-            serde_json::from_str::<Stamp>(&format!("{{{stamp}}}")).unwrap()
+        let credentials = format!(
+            r#""credentials": {{"alice/jwt": {cred}, "bob/jwt": {cred}, "carol/x": {cred}}}"#
         );
+        let routes = format!(
+            r#""routes": {{"r": {{"spec": {{"uri": "/a"}}, {stamp}}},
+                           "r": {{"spec": {{"uri": "/b"}}, {stamp}}}}}"#
+        );
+        let check = |state: StateFile| {
+            let w = &state.written;
+            assert_eq!((state.version, state.index), (1, 9));
+            assert_eq!(w.routes.len(), 1);
+            assert!(w.routes["r"].spec().unwrap().uri.as_deref() == Some("/b"));
+            let name = |n: &str| w.consumers.get_key_value(n).unwrap().0.clone();
+            let keys: Vec<_> = w.credentials.keys().cloned().collect();
+            assert_eq!(keys.len(), 3);
+            assert!(Arc::ptr_eq(&keys[0].0, &name("alice")));
+            assert!(Arc::ptr_eq(&keys[1].0, &name("bob")));
+            assert!(Arc::ptr_eq(&keys[0].1, &keys[1].1), "one `jwt` id");
+            // A credential whose consumer is not in this layer (it is in the file) keeps its own.
+            assert_eq!(&*keys[2].0, "carol");
+            assert_eq!(
+                w.consumers["bob"].stamp().unwrap(),
+                serde_json::from_str::<Stamp>(&format!("{{{stamp}}}")).unwrap()
+            );
+        };
+        // As portcullis writes it, then hand-edited: credentials first, a key it does
+        // not know, and the same as YAML (without the repeated route, which YAML refuses).
+        let as_written =
+            format!(r#"{{"version": 1, "index": 9, {routes}, {consumers}, {credentials}}}"#);
+        check(serde_json::from_str(&as_written).unwrap());
+        let reordered = format!(
+            r#"{{{credentials}, "note": [1, 2], {consumers}, {routes}, "index": 9, "version": 1}}"#
+        );
+        check(serde_json::from_str(&reordered).unwrap());
+        let routes = format!(r#""routes": {{"r": {{"spec": {{"uri": "/b"}}, {stamp}}}}}"#);
+        check(
+            serde_yaml::from_str(&format!(
+                "{{{credentials}, {consumers}, {routes}, version: 1, index: 9}}"
+            ))
+            .unwrap(),
+        );
+
+        for (text, error) in [
+            (
+                format!(r#"{{"version": 1, "index": 9, {consumers}, {consumers}}}"#),
+                "duplicate field `consumers`",
+            ),
+            (r#"{"index": 9}"#.to_owned(), "missing field `version`"),
+            (
+                format!(r#"{{"version": 1, "index": 9, "credentials": {{"nobody": {cred}}}}}"#),
+                "bad credential key \"nobody\"",
+            ),
+        ] {
+            let e = serde_json::from_str::<StateFile>(&text)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(error), "{e}");
+        }
     }
 }
