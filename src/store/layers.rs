@@ -284,7 +284,7 @@ pub struct Resources {
     /// hold it: one allocation for the four places a name is kept.
     pub consumers: BTreeMap<Arc<str>, Stored<ConsumerSpec>>,
     /// Keyed by (username, credential id).
-    #[serde(with = "credential_map")]
+    #[serde(serialize_with = "credential_keys")]
     pub credentials: CredentialMap,
 }
 
@@ -300,61 +300,37 @@ impl Resources {
 /// sorted with full nodes, where inserting them one by one in key order (as the
 /// state file lists them) leaves every node about half full. Like inserting, a
 /// repeated key keeps its last value.
-fn packed_map<'de, D, K, V>(d: D) -> Result<BTreeMap<K, V>, D::Error>
-where
-    D: Deserializer<'de>,
-    K: Ord + Deserialize<'de>,
-    V: Deserialize<'de>,
-{
-    map_entries(d, |k: K| Ok(k))
-}
+struct Packed<K, V>(BTreeMap<K, V>);
 
-/// Reads a map's entries into a vector, each key converted by `key`, then packs them.
-fn map_entries<'de, D, RawK, K, V>(
-    d: D,
-    key: impl Fn(RawK) -> Result<K, String>,
-) -> Result<BTreeMap<K, V>, D::Error>
-where
-    D: Deserializer<'de>,
-    RawK: Deserialize<'de>,
-    K: Ord,
-    V: Deserialize<'de>,
-{
-    struct Entries<F, RawK, V>(F, PhantomData<fn() -> (RawK, V)>);
-    impl<'de, F, RawK, K, V> serde::de::Visitor<'de> for Entries<F, RawK, V>
-    where
-        F: Fn(RawK) -> Result<K, String>,
-        RawK: Deserialize<'de>,
-        V: Deserialize<'de>,
-    {
-        type Value = Vec<(K, V)>;
-        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.write_str("a map")
-        }
-        fn visit_map<A: serde::de::MapAccess<'de>>(
-            self,
-            mut m: A,
-        ) -> Result<Self::Value, A::Error> {
-            let mut out = Vec::with_capacity(m.size_hint().unwrap_or(0));
-            while let Some((k, v)) = m.next_entry::<RawK, V>()? {
-                out.push(((self.0)(k).map_err(serde::de::Error::custom)?, v));
+impl<'de, K: Ord + Deserialize<'de>, V: Deserialize<'de>> Deserialize<'de> for Packed<K, V> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Entries<K, V>(PhantomData<fn() -> (K, V)>);
+        impl<'de, K: Ord + Deserialize<'de>, V: Deserialize<'de>> serde::de::Visitor<'de>
+            for Entries<K, V>
+        {
+            type Value = BTreeMap<K, V>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a map")
             }
-            Ok(out)
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut out = Vec::with_capacity(m.size_hint().unwrap_or(0));
+                while let Some(entry) = m.next_entry()? {
+                    out.push(entry);
+                }
+                Ok(out.into_iter().collect())
+            }
         }
+        d.deserialize_map(Entries(PhantomData)).map(Packed)
     }
-    let entries = d.deserialize_map(Entries(key, PhantomData))?;
-    Ok(entries.into_iter().collect())
 }
 
-/// JSON objects need string keys: credentials persist as `"user/id"`. Read back by
-/// [`CredentialsSeed`], which needs the consumers read before them.
-mod credential_map {
-    use super::*;
-    use serde::Serializer;
-
-    pub fn serialize<S: Serializer>(map: &CredentialMap, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_map(map.iter().map(|((u, id), v)| (format!("{u}/{id}"), v)))
-    }
+/// JSON objects need string keys: credentials persist as `"user/id"`, read back by
+/// [`CredentialsSeed`].
+fn credential_keys<S: Serializer>(map: &CredentialMap, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_map(map.iter().map(|((u, id), v)| (format!("{u}/{id}"), v)))
 }
 
 /// (username, credential id), shared with the compiled credential.
@@ -498,15 +474,6 @@ impl<'de> serde::de::Visitor<'de> for StateVisitor {
     }
 }
 
-/// A map read by [`packed_map`].
-struct Packed<K, V>(BTreeMap<K, V>);
-
-impl<'de, K: Ord + Deserialize<'de>, V: Deserialize<'de>> Deserialize<'de> for Packed<K, V> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        packed_map(d).map(Packed)
-    }
-}
-
 /// `user`'s consumer's own name if it has one in `consumers`, else a new one.
 fn shared_name(consumers: &BTreeMap<Arc<str>, Stored<ConsumerSpec>>, user: &str) -> Arc<str> {
     consumers
@@ -549,7 +516,7 @@ impl<'de> serde::de::Visitor<'de> for CredentialsSeed<'_> {
         })? {
             out.push((key, m.next_value::<Stored<CredentialSpec>>()?));
         }
-        // Packed like `packed_map`'s maps; a repeated key keeps its last value.
+        // Packed like [`Packed`]'s maps; a repeated key keeps its last value.
         Ok(out.into_iter().collect())
     }
 }
