@@ -413,6 +413,8 @@ impl<'de> serde::de::Visitor<'de> for StateVisitor {
         let (mut version, mut index, mut deleted) = (None, None, None);
         let (mut routes, mut consumers, mut credentials) = (None, None, None);
         let mut ids = HashSet::new();
+        // Credentials read after the consumers take their names as they are read.
+        let mut names_shared = true;
         while let Some(key) = m.next_key::<StateKey>()? {
             match key {
                 StateKey::Version => {
@@ -433,6 +435,7 @@ impl<'de> serde::de::Visitor<'de> for StateVisitor {
                 }
                 StateKey::Credentials => {
                     once(&credentials, "credentials")?;
+                    names_shared = consumers.is_some();
                     credentials = Some(m.next_value_seed(CredentialsSeed {
                         consumers: consumers.as_ref(),
                         ids: &mut ids,
@@ -450,11 +453,7 @@ impl<'de> serde::de::Visitor<'de> for StateVisitor {
         let consumers = consumers.unwrap_or_default();
         let mut credentials = credentials.unwrap_or_default();
         // Hand-edited, the credentials may come first: their names are then shared now.
-        if credentials.keys().any(|(user, _)| {
-            consumers
-                .get_key_value(&**user)
-                .is_some_and(|(name, _)| !Arc::ptr_eq(name, user))
-        }) {
+        if !names_shared && !consumers.is_empty() {
             credentials = credentials
                 .into_iter()
                 .map(|((user, id), stored)| ((shared_name(&consumers, &user), id), stored))
