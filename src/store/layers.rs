@@ -19,9 +19,9 @@ use crate::resources::{ConsumerSpec, CredentialSpec, RouteSpec};
 /// nothing on the request path reads it: Checks use the compiled snapshot. Parsed
 /// specs are maps of maps (a B-tree leaf alone is ~600 bytes), which made the specs
 /// most of the memory at 100k consumers; as text a credential is ~100 bytes. Specs
-/// are parsed again only when an Admin call or a rebuild needs them. A config file's
-/// consumers are kept so from the moment they are read; [`Stored`] holds the same
-/// text behind its stamp.
+/// are parsed again only when an Admin call or a rebuild needs them. [`Stored`] holds
+/// this text; a config file's consumers are kept as `Compact` from the moment they are
+/// read until the file layer copies them into the store.
 pub struct Compact<T> {
     json: Box<str>,
     kind: PhantomData<fn() -> T>,
@@ -38,17 +38,6 @@ impl<T: Serialize + DeserializeOwned> Compact<T> {
             kind: PhantomData,
         }
     }
-
-    /// The spec, parsed again. It was written by `new` from a valid spec, so this
-    /// fails only if the spec types changed incompatibly; callers report it.
-    pub fn get(&self) -> Result<T, String> {
-        serde_json::from_str(&self.json).map_err(|e| format!("stored spec unreadable: {e}"))
-    }
-
-    /// The spec as a JSON value, for the Admin API's answers.
-    pub fn value(&self) -> Value {
-        serde_json::from_str(&self.json).unwrap_or(Value::Null)
-    }
 }
 
 impl<T> Clone for Compact<T> {
@@ -63,19 +52,6 @@ impl<T> Clone for Compact<T> {
 impl<T> fmt::Debug for Compact<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.json)
-    }
-}
-
-/// Persisted as the spec itself, so the state file's format does not depend on it.
-impl<T: Serialize + DeserializeOwned> Serialize for Compact<T> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        self.value().serialize(s)
-    }
-}
-
-impl<'de, T: Serialize + DeserializeOwned> Deserialize<'de> for Compact<T> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        T::deserialize(d).map(|spec| Compact::new(&spec))
     }
 }
 
