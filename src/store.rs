@@ -34,7 +34,7 @@ mod layers;
 pub use build::validate;
 use build::{Built, build, duplicate_key, file_layer, now};
 pub use layers::{Compact, CredentialKey, CredentialMap, Resources, StateFile, Stored, Tombstones};
-use layers::{Effective, Undo, layered, overlay, restamp, view};
+use layers::{Effective, Stamp, Undo, layered, overlay, restamp, view};
 
 /// Which resource a write addresses.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -338,18 +338,13 @@ impl Store {
             return self.put_etcd(etcd, id, body, expected).await;
         }
         let mut inner = self.inner.lock().await;
-        if let Some(expected) = expected {
-            let current = match &id {
-                ResourceId::Route(k) => inner.route(k).map(|s| inner.file.stamp_of(s)),
-                ResourceId::Consumer(k) => inner.consumer(k).map(|s| inner.file.stamp_of(s)),
-                ResourceId::Credential(u, k) => {
-                    inner.credential(u, k).map(|s| inner.file.stamp_of(s))
-                }
-            }
-            .map(|stamp| stamp.modified_index);
-            if current != Some(expected) {
-                return Err(conflict(&id));
-            }
+        // The stamp of what this write replaces, if anything: its modified index for the
+        // condition, its creation for the new stamp.
+        let old = inner.stamp_at(&id);
+        if let Some(expected) = expected
+            && old.map(|s| s.modified_index) != Some(expected)
+        {
+            return Err(conflict(&id));
         }
         let cx = BuildContext {
             shared: &self.runtime.shared,
@@ -357,15 +352,13 @@ impl Store {
         let t = now();
         let index = inner.admin.index + 1;
         let undo = Undo::of(&inner.admin);
-        let created;
+        let created = old.is_none();
         let value;
         let apply: Box<dyn FnOnce(&mut Inner) + Send> = match &id {
             ResourceId::Route(rid) => {
                 let mut spec: RouteSpec = parse(body)?;
                 spec.id = Some(rid.clone());
                 let route = Arc::new(snapshot::compile_route(rid, &spec, &cx)?);
-                let old = inner.route(rid).map(|s| inner.file.stamp_of(s));
-                created = old.is_none();
                 let stored = restamp(&spec, old, t, index);
                 value = inner.view(&stored, Some(rid)).0;
                 let undo = undo.route(&inner.admin, rid);
@@ -397,8 +390,6 @@ impl Store {
                         )));
                     }
                 }
-                let old = inner.consumer(name).map(|s| inner.file.stamp_of(s));
-                created = old.is_none();
                 let stored = restamp(&spec, old, t, index);
                 value = inner.view(&stored, None).0;
                 let undo = undo.consumer(&inner.admin, name);
@@ -444,8 +435,6 @@ impl Store {
                     )));
                 }
                 let ck = (cred.username.clone(), id);
-                let old = inner.credential(user, cid).map(|s| inner.file.stamp_of(s));
-                created = old.is_none();
                 let stored = restamp(&spec, old, t, index);
                 value = inner.view(&stored, Some(cid)).0;
                 let undo = undo.credential(&inner.admin, &ck);
@@ -560,6 +549,15 @@ impl Inner {
         id: Option<&str>,
     ) -> (Value, u64, u64) {
         view(s, self.file.stamp_of(s), id)
+    }
+
+    /// The stamp of the resource in force at `id`: its own, or its config file's.
+    fn stamp_at(&self, id: &ResourceId) -> Option<Stamp> {
+        match id {
+            ResourceId::Route(k) => self.route(k).map(|s| self.file.stamp_of(s)),
+            ResourceId::Consumer(k) => self.consumer(k).map(|s| self.file.stamp_of(s)),
+            ResourceId::Credential(u, k) => self.credential(u, k).map(|s| self.file.stamp_of(s)),
+        }
     }
 
     /// The route in force: an Admin write, else the file's unless deleted.
