@@ -115,7 +115,7 @@ if via == "admin":
     state["index"] = index
     with open(head["state_file"], "w") as f:
         json.dump(state, f, indent=2)
-    routes = consumers = 0
+    routes = consumers = 0  # the config file below then declares none
 with open(out, "w") as f:
     if fmt == "json":
         f.write("{\n" + "".join(f"  {json.dumps(k)}: {json.dumps(v)},\n" for k, v in head.items()))
