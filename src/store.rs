@@ -6,7 +6,7 @@
 //! file reload never resurrects what an operator removed or undoes what they wrote.
 //!
 //! Every change is serialised by one async lock: validate and compile → persist
-//! (temp file, fsync, rename) → publish → acknowledge. Publishing is incremental: a
+//! (a synced line in the state file's journal, [`disk`]) → publish → acknowledge. Publishing is incremental: a
 //! route write rebuilds only the route index; a consumer or credential write updates
 //! its own entries in the shared concurrent maps.
 //!
@@ -15,7 +15,6 @@
 //! etcd transaction whose result reaches this replica through the same watch as
 //! every other replica's writes.
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -28,11 +27,13 @@ use crate::runtime::Runtime;
 use crate::snapshot::{self, CompileError, Consumers, KeyOwner, Route, Snapshot};
 
 mod build;
+mod disk;
 pub mod etcd;
 mod layers;
 
 pub use build::validate;
 use build::{Built, build, duplicate_key, file_layer, now};
+use disk::Disk;
 pub use layers::{Compact, CredentialKey, CredentialMap, Resources, StateFile, Stored, Tombstones};
 use layers::{Effective, Stamp, Undo, layered, overlay, restamp, view};
 
@@ -97,11 +98,12 @@ struct Inner {
     unmatched: Unmatched,
     routes: HashMap<String, Arc<Route>>,
     consumers: Arc<Consumers>,
+    /// Where the Admin layer persists; none without a state file (and with etcd).
+    disk: Option<Disk>,
 }
 
 pub struct Store {
     runtime: Arc<Runtime>,
-    state_path: Option<PathBuf>,
     /// Set with `store.kind: etcd`: writes go there instead of the state file.
     etcd: Option<etcd::Etcd>,
     /// The etcd revision the mirror has applied up to (0 with the file provider).
@@ -118,21 +120,20 @@ impl Store {
         file: &str,
         state_path: Option<PathBuf>,
     ) -> Result<Self, LoadError> {
-        let admin = match &state_path {
-            Some(p) if p.exists() => {
-                let text = std::fs::read_to_string(p).map_err(|e| LoadError::StateFile {
-                    file: p.display().to_string(),
-                    reason: e.to_string(),
-                })?;
-                read_state(&text).map_err(|reason| LoadError::StateFile {
-                    file: p.display().to_string(),
-                    reason,
-                })?
+        let (disk, admin) = match state_path {
+            Some(p) => {
+                let file = p.display().to_string();
+                let (disk, admin) = Disk::open(p, read_state)
+                    .map_err(|reason| LoadError::StateFile { file, reason })?;
+                (Some(disk), admin)
             }
-            _ => StateFile {
-                version: 1,
-                ..Default::default()
-            },
+            None => (
+                None,
+                StateFile {
+                    version: 1,
+                    ..Default::default()
+                },
+            ),
         };
         let file_res = file_layer(config).map_err(|error| LoadError::Resource {
             file: file.to_owned(),
@@ -157,10 +158,10 @@ impl Store {
             unmatched: config.unmatched,
             routes: HashMap::new(),
             consumers: Arc::new(Consumers::default()),
+            disk,
         };
         let store = Store {
             runtime,
-            state_path,
             etcd: None,
             applied: tokio::sync::watch::channel(0).0,
             inner: tokio::sync::Mutex::new(inner),
@@ -227,33 +228,6 @@ impl Store {
         inner.file = file_res;
         inner.unmatched = config.unmatched;
         self.install(&mut inner, built);
-        Ok(())
-    }
-
-    fn persist(&self, state: &StateFile) -> Result<(), WriteError> {
-        let Some(path) = &self.state_path else {
-            return Ok(());
-        };
-        let err = |source| WriteError::Persist {
-            file: path.display().to_string(),
-            source,
-        };
-        let dir = path
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .unwrap_or(std::path::Path::new("."));
-        let tmp = tempfile::NamedTempFile::new_in(dir).map_err(err)?;
-        // Buffered: serde_json writes token by token, which unbuffered was one write(2)
-        // per token — 48 s for a state file of 100k consumers.
-        let mut out = std::io::BufWriter::with_capacity(1 << 20, tmp);
-        serde_json::to_writer_pretty(&mut out, state).map_err(|e| err(e.into()))?;
-        out.write_all(b"\n").map_err(err)?;
-        let tmp = out.into_inner().map_err(|e| err(e.into_error()))?;
-        tmp.as_file().sync_all().map_err(err)?;
-        tmp.persist(path).map_err(|e| err(e.error))?;
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
         Ok(())
     }
 
@@ -463,8 +437,12 @@ impl Store {
     /// `undo` recorded, so memory never runs ahead of the disk.
     fn commit(&self, inner: &mut Inner, index: u64, undo: Undo) -> Result<(), WriteError> {
         inner.admin.index = index;
-        if let Err(e) = off_the_runtime(|| self.persist(&inner.admin)) {
-            undo.restore(&mut inner.admin);
+        let Inner { disk, admin, .. } = inner;
+        let Some(disk) = disk else {
+            return Ok(());
+        };
+        if let Err(e) = off_the_runtime(|| disk.record(admin, &undo)) {
+            undo.restore(admin);
             return Err(e);
         }
         Ok(())
@@ -754,6 +732,15 @@ mod tests {
             assert_eq!(v["plugins"]["jwt-auth"]["key"], "k");
             assert!(s.consumer_exists("bob").await);
         }
+        // The first write made the state file, the next three are in its journal,
+        // which a restart folds into it.
+        let journal = dir.path().join("state.json.journal");
+        assert_eq!(
+            std::fs::read_to_string(&journal).unwrap().lines().count(),
+            3
+        );
+        expect(store(FILE, Some(state.clone()))).await;
+        assert_eq!(std::fs::metadata(&journal).unwrap().len(), 0);
         let written = std::fs::read_to_string(&state).unwrap();
         assert!(written.starts_with('{'), "{written}");
         // Each spec as the store keeps it, not parsed and printed again.
@@ -761,7 +748,7 @@ mod tests {
             written.contains(r#""spec": {"id":"a1","uri":"/a1"}"#),
             "{written}"
         );
-        expect(store(FILE, Some(state.clone()))).await;
+        assert!(written.contains(r#""bob/c1": {"#), "{written}");
 
         // The same content as block YAML, then as a YAML flow mapping (not JSON).
         let value: Value = serde_json::from_str(&written).unwrap();

@@ -247,7 +247,6 @@ impl Store {
         let (changes, revision) = etcd.load().await.map_err(LoadError::Etcd)?;
         let store = Arc::new(Store {
             runtime,
-            state_path: None,
             etcd: Some(etcd),
             applied: tokio::sync::watch::channel(0).0,
             inner: tokio::sync::Mutex::new(Inner::empty(config.unmatched)),

@@ -450,7 +450,10 @@ impl<'de> serde::de::Visitor<'de> for StateVisitor {
 }
 
 /// `user`'s consumer's own name if it has one in `consumers`, else a new one.
-fn shared_name(consumers: &BTreeMap<Arc<str>, Stored<ConsumerSpec>>, user: &str) -> Arc<str> {
+pub(super) fn shared_name(
+    consumers: &BTreeMap<Arc<str>, Stored<ConsumerSpec>>,
+    user: &str,
+) -> Arc<str> {
     consumers
         .get_key_value(user)
         .map_or_else(|| user.into(), |(name, _)| name.clone())
@@ -576,13 +579,14 @@ impl<'a> Effective<'a> {
     }
 }
 
-/// What an in-place edit of the Admin layer replaced, to put back if persisting fails.
+/// What an in-place edit of the Admin layer replaced, to put back if persisting fails;
+/// its keys are also what the journal records of the write.
 pub struct Undo {
     pub index: u64,
     pub deleted: Tombstones,
-    routes: Vec<(String, Option<Stored<RouteSpec>>)>,
-    consumers: Vec<(Arc<str>, Option<Stored<ConsumerSpec>>)>,
-    credentials: Vec<(CredentialKey, Option<Stored<CredentialSpec>>)>,
+    pub(super) routes: Vec<(String, Option<Stored<RouteSpec>>)>,
+    pub(super) consumers: Vec<(Arc<str>, Option<Stored<ConsumerSpec>>)>,
+    pub(super) credentials: Vec<(CredentialKey, Option<Stored<CredentialSpec>>)>,
 }
 
 impl Undo {

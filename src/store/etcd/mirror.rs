@@ -63,6 +63,7 @@ impl Inner {
             unmatched,
             routes: Default::default(),
             consumers: Arc::new(Consumers::default()),
+            disk: None,
         }
     }
 
