@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Scale benchmark: portcullis with many consumers and routes (default 100k and 10k).
 #
-#   benches/scale.sh [--consumers N] [--routes N] [--writes N] [--connections N]
+#   benches/scale.sh [--consumers N] [--routes N] [--writes N] [--burst N] [--connections N]
 #                    [--format yaml|json] [--via config|admin] [--portcullis PATH] [--keep]
 #
 # --via config (default): the resources are in the config file, written as --format
 # (default yaml). --via admin: they are in the state file, as the Admin API writes
 # it, and the config file names only the listeners, the Admin key and that file —
 # a replica restarted after its resources came through the Admin API (each Admin
-# write then rewrites the whole state file).
+# write then appends to the state file's journal).
 #
 # Measures, on 127.0.0.1 with free ports:
 #   startup   process start → /readyz 200 (config parsed, everything compiled);
@@ -16,6 +16,10 @@
 #   writes    for each of --writes Admin API writes (alternately a new route and a
 #             consumer update): PUT latency and the time until a Check for the new
 #             route is allowed (the write is visible to Checks);
+#   burst     then --burst N (default 200) more consumers, each with a jwt-auth
+#             credential, created one Admin call after another over one keep-alive
+#             connection, as a provisioning script would: writes/s and PUT latency,
+#             and the RSS after them;
 #   Checks    h2load drives gRPC Check on one route during all the writes: p50/p99,
 #             and
 #             failures = h2load errors + non-2xx + load Checks portcullis did not
@@ -27,6 +31,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 CONSUMERS=100000
 ROUTES=10000
 WRITES=20
+BURST=200
 CONNECTIONS=8
 FORMAT=yaml
 VIA=config
@@ -37,12 +42,13 @@ while [ $# -gt 0 ]; do
     --consumers) CONSUMERS=$2; shift 2 ;;
     --routes) ROUTES=$2; shift 2 ;;
     --writes) WRITES=$2; shift 2 ;;
+    --burst) BURST=$2; shift 2 ;;
     --connections) CONNECTIONS=$2; shift 2 ;;
     --format) FORMAT=$2; shift 2 ;;
     --via) VIA=$2; shift 2 ;;
     --portcullis) PORTCULLIS=$2; shift 2 ;;
     --keep) KEEP=1; shift ;;
-    -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
 done
@@ -226,6 +232,33 @@ for kind in ("route", "consumer"):
         print(f"{kind} writes: {len(put)}; Admin PUT ms median {statistics.median(put):.0f} max {max(put)}; "
               f"visible to Checks ms median {statistics.median(vis):.0f} max {max(vis)}")
 EOF
+# The burst: Checks have stopped; what is timed is the Admin write path alone.
+"$PY" - "$ADMIN_PORT" "$KEY" "$BURST" "$WITH_CREDS" <<'EOF'
+import http.client, json, statistics, sys, time
+port, key, n, creds = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
+conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+headers = {"X-API-KEY": key, "Content-Type": "application/json"}
+lat = []
+start = time.monotonic()
+for i in range(n):
+    writes = [(f"consumers/burst{i}", {"username": f"burst{i}"})]
+    if creds:
+        writes.append((f"consumers/burst{i}/credentials/cred-burst{i}-jwt-auth",
+                       {"plugins": {"jwt-auth": {"key": f"burst-key{i}", "secret": f"secret-b{i}-0123456789abcdef"}}}))
+    for path, body in writes:
+        t0 = time.monotonic()
+        conn.request("PUT", f"/apisix/admin/{path}", json.dumps(body), headers)
+        r = conn.getresponse()
+        answer = r.read()
+        if r.status not in (200, 201):
+            sys.exit(f"burst write {path} failed: {r.status} {answer[:200]!r}")
+        lat.append((time.monotonic() - t0) * 1000)
+took = time.monotonic() - start
+if lat:
+    print(f"burst: {n} consumers{' with a credential each' if creds else ''}, {len(lat)} Admin PUTs one after another: "
+          f"{len(lat) / took:.0f} writes/s, PUT ms median {statistics.median(lat):.1f} max {max(lat):.1f}")
+EOF
+if [ "$BURST" -gt 0 ]; then echo "memory after the burst: $(rss "$PC")"; fi
 cat "$WORK"/h2-*.log | awk '{ print $3 }' | sort -n | awk '{ v[NR] = $1 } END {
   printf "Check latency during writes: %d Checks, p50 %.2f ms, p99 %.2f ms, max %.2f ms\n", NR, v[int(NR*0.5)]/1000, v[int(NR*0.99)]/1000, v[NR]/1000 }'
 read -r n_total n_ok n_failed n_errored < <(cat "$WORK"/h2-*.out |

@@ -2,8 +2,8 @@
 //! numbers of docs/benchmarks.md keeps working, with the resources in the config file
 //! (YAML) and in the state file as the Admin API writes it (JSON). The numbers are
 //! not checked — only that everything generated was loaded (the script asks the
-//! Admin API for the last consumer's credential), the writes became visible and no
-//! Check failed.
+//! Admin API for the last consumer's credential), the writes and the burst of
+//! consumers were accepted and visible, and no Check failed.
 use std::path::Path;
 use std::process::Command;
 
@@ -12,7 +12,16 @@ const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 fn scale(args: &[&str]) -> String {
     let out = Command::new("bash")
         .arg(Path::new(ROOT).join("benches/scale.sh"))
-        .args(["--consumers", "300", "--routes", "30", "--writes", "2"])
+        .args([
+            "--consumers",
+            "300",
+            "--routes",
+            "30",
+            "--writes",
+            "2",
+            "--burst",
+            "5",
+        ])
         .args(args)
         .arg("--portcullis")
         .arg(env!("CARGO_BIN_EXE_portcullis"))
@@ -29,6 +38,7 @@ fn scale(args: &[&str]) -> String {
         "memory after startup (settled, 2 s after ready): VmHWM:",
         "route writes: 1; ",
         "consumer writes: 1; ",
+        "burst: 5 consumers with a credential each, 10 Admin PUTs one after another: ",
         "no Check failed during the writes",
     ] {
         assert!(stdout.contains(line), "no {line:?} in\n{stdout}");
