@@ -133,6 +133,13 @@ pub struct RouteSpec {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConsumerSpec {
+    /// Read from a body, the config file or etcd, never written out: a stored
+    /// consumer's name is its key in the store, and every answer and etcd value adds
+    /// it back from there (`layers::view`), as for a credential's id. A copy in each
+    /// stored spec was 1.5–3 MiB at 100k consumers. Required all the same: the Admin
+    /// API puts the path's name in the body, the config file's reader and etcd's
+    /// mirror refuse a consumer without one.
+    #[serde(default, skip_serializing)]
     pub username: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub desc: Option<String>,
@@ -199,6 +206,9 @@ pub struct FileCredential {
 impl<'de> Deserialize<'de> for FileConsumer {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let entry = ConsumerEntry::deserialize(d)?;
+        if entry.consumer.username.is_empty() {
+            return Err(serde::de::Error::missing_field("username"));
+        }
         Ok(FileConsumer {
             spec: Compact::new(&entry.consumer),
             username: entry.consumer.username,

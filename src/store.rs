@@ -235,9 +235,9 @@ impl Store {
     pub async fn get(&self, id: &ResourceId) -> Option<(Value, u64, u64)> {
         let inner = self.inner.lock().await;
         match id {
-            ResourceId::Route(k) => inner.route(k).map(|s| inner.view(s, Some(k))),
-            ResourceId::Consumer(k) => inner.consumer(k).map(|s| inner.view(s, None)),
-            ResourceId::Credential(u, k) => inner.credential(u, k).map(|s| inner.view(s, Some(k))),
+            ResourceId::Route(k) => inner.route(k).map(|s| inner.view(s, k)),
+            ResourceId::Consumer(k) => inner.consumer(k).map(|s| inner.view(s, k)),
+            ResourceId::Credential(u, k) => inner.credential(u, k).map(|s| inner.view(s, k)),
         }
     }
 
@@ -249,13 +249,13 @@ impl Store {
             ListKind::Routes => layered(&inner.file.routes, &inner.admin.written.routes, |k| {
                 inner.admin.deleted.routes.contains(k)
             })
-            .map(|(k, s)| tag(ResourceId::Route(k.clone()), inner.view(s, Some(k))))
+            .map(|(k, s)| tag(ResourceId::Route(k.clone()), inner.view(s, k)))
             .collect(),
             ListKind::Consumers => {
                 layered(&inner.file.consumers, &inner.admin.written.consumers, |k| {
                     inner.admin.deleted.consumers.contains(&**k)
                 })
-                .map(|(k, s)| tag(ResourceId::Consumer(k.to_string()), inner.view(s, None)))
+                .map(|(k, s)| tag(ResourceId::Consumer(k.to_string()), inner.view(s, k)))
                 .collect()
             }
             ListKind::Credentials(user) => {
@@ -282,7 +282,7 @@ impl Store {
                 .map(|((u, k), s)| {
                     tag(
                         ResourceId::Credential(u.to_string(), k.to_string()),
-                        inner.view(s, Some(k)),
+                        inner.view(s, k),
                     )
                 })
                 .collect()
@@ -334,7 +334,7 @@ impl Store {
                 spec.id = Some(rid.clone());
                 let route = Arc::new(snapshot::compile_route(rid, &spec, &cx)?);
                 let stored = restamp(&spec, old, t, index);
-                value = inner.view(&stored, Some(rid)).0;
+                value = inner.view(&stored, rid).0;
                 let undo = undo.route(&inner.admin, rid);
                 inner.admin.deleted.routes.remove(rid);
                 inner.admin.written.routes.insert(rid.clone(), stored);
@@ -365,7 +365,7 @@ impl Store {
                     }
                 }
                 let stored = restamp(&spec, old, t, index);
-                value = inner.view(&stored, None).0;
+                value = inner.view(&stored, name).0;
                 let undo = undo.consumer(&inner.admin, name);
                 inner.admin.deleted.consumers.remove(name);
                 // The compiled consumer's own name, so the store shares its allocation.
@@ -410,7 +410,7 @@ impl Store {
                 }
                 let ck = (cred.username.clone(), id);
                 let stored = restamp(&spec, old, t, index);
-                value = inner.view(&stored, Some(cid)).0;
+                value = inner.view(&stored, cid).0;
                 let undo = undo.credential(&inner.admin, &ck);
                 inner
                     .admin
@@ -521,12 +521,12 @@ impl Store {
 
 impl Inner {
     /// A resource as the Admin API shows it, with its own stamp or its config file's.
-    fn view<T: serde::Serialize + serde::de::DeserializeOwned>(
+    fn view<T: layers::Keyed + serde::Serialize + serde::de::DeserializeOwned>(
         &self,
         s: &Stored<T>,
-        id: Option<&str>,
+        key: &str,
     ) -> (Value, u64, u64) {
-        view(s, self.file.stamp_of(s), id)
+        view(s, self.file.stamp_of(s), key)
     }
 
     /// The stamp of the resource in force at `id`: its own, or its config file's.
@@ -875,6 +875,63 @@ mod tests {
         let listed = s2.list(ListKind::Credentials("alice")).await;
         let ids: Vec<_> = listed.iter().map(|(_, v, ..)| v["id"].clone()).collect();
         assert_eq!(ids, [json!("c1"), json!("c2")]);
+    }
+
+    /// A consumer's name is its key in the store, kept once: not in the stored spec,
+    /// yet first in every answer, the state file's key, and there after a restart.
+    /// State files written before still read (their specs name the consumer).
+    #[tokio::test]
+    async fn a_consumer_name_is_stored_once_and_shown_everywhere() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state.json");
+        let (_rt, s) = store(FILE, Some(state.clone()));
+        let bob = ResourceId::Consumer("bob".into());
+        let (_, v) = s
+            .put(bob.clone(), json!({"username": "bob", "desc": "d"}))
+            .await
+            .unwrap();
+        assert_eq!(v.as_object().unwrap().keys().next().unwrap(), "username");
+        assert_eq!(v["username"], "bob");
+        {
+            let inner = s.inner.lock().await;
+            for c in [
+                &inner.file.consumers["alice"],
+                &inner.admin.written.consumers["bob"],
+            ] {
+                assert!(
+                    !c.value().as_object().unwrap().contains_key("username"),
+                    "{c:?}"
+                );
+            }
+        }
+        drop(s);
+        let (runtime, s) = store(FILE, Some(state.clone()));
+        let persisted: Value = serde_json::from_slice(&std::fs::read(&state).unwrap()).unwrap();
+        assert_eq!(persisted["consumers"]["bob"]["spec"], json!({"desc": "d"}));
+        for name in ["alice", "bob"] {
+            let id = ResourceId::Consumer(name.into());
+            assert_eq!(s.get(&id).await.unwrap().0["username"], name);
+            assert!(runtime.snapshot().consumers.by_name.contains_key(name));
+        }
+        let listed = s.list(ListKind::Consumers).await;
+        let names: Vec<_> = listed
+            .iter()
+            .map(|(_, v, ..)| v["username"].clone())
+            .collect();
+        assert_eq!(names, [json!("alice"), json!("bob")]);
+
+        // A state file written before, with the name in the spec.
+        let mut old = persisted.clone();
+        old["consumers"]["bob"]["spec"]["username"] = json!("bob");
+        std::fs::write(&state, old.to_string()).unwrap();
+        let (_rt, s) = store(FILE, Some(state));
+        assert_eq!(s.get(&bob).await.unwrap().0["desc"], "d");
+
+        // The config file still needs one.
+        let err = FileConfig::parse("consumers:\n  - { desc: nameless }\n", "test.yaml")
+            .expect_err("a consumer without a username is refused")
+            .to_string();
+        assert!(err.contains("missing field `username`"), "{err}");
     }
 
     /// Every resource of a config file has the load time and index 0, kept once for

@@ -107,9 +107,11 @@ pub fn build(res: &Effective<'_>, cx: &BuildContext<'_>) -> Result<Built, String
     }
     let consumers = Consumers::default();
     for (name, c) in res.consumers() {
-        let spec = c
+        let mut spec = c
             .spec()
             .map_err(|e| format!("at `consumers[username={name}]`: {e}"))?;
+        // Kept as the consumer's key, not in its stored text.
+        spec.username = name.to_string();
         let compiled = snapshot::compile_consumer(name.clone(), &spec, cx)
             .map_err(|e| format!("at `consumers[username={name}].{}`: {e}", e.path()))?;
         for (key, cred) in compiled.inline_credentials {

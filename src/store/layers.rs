@@ -689,17 +689,34 @@ pub fn restamp<T: Serialize + DeserializeOwned>(
     )
 }
 
-/// The `value` APISIX shows: the spec with its id and times.
-pub fn view<T: Serialize + DeserializeOwned>(
+/// The field of a spec that names it: the store keeps the name as the resource's key
+/// and, for consumers and credentials, not in the spec's text.
+pub trait Keyed {
+    const KEY: &'static str;
+}
+
+impl Keyed for RouteSpec {
+    const KEY: &'static str = "id";
+}
+
+impl Keyed for ConsumerSpec {
+    const KEY: &'static str = "username";
+}
+
+impl Keyed for CredentialSpec {
+    const KEY: &'static str = "id";
+}
+
+/// The `value` APISIX shows: the spec with its name (`key`) and times.
+pub fn view<T: Keyed + Serialize + DeserializeOwned>(
     s: &Stored<T>,
     stamp: Stamp,
-    id: Option<&str>,
+    key: &str,
 ) -> (Value, u64, u64) {
     let mut v = s.value();
     if let Value::Object(map) = &mut v {
-        if let Some(id) = id {
-            map.insert("id".into(), Value::String(id.to_owned()));
-        }
+        // First, where a client that wrote it most likely put it.
+        map.shift_insert(0, T::KEY.into(), Value::String(key.to_owned()));
         map.insert("create_time".into(), stamp.create_time.into());
         map.insert("update_time".into(), stamp.update_time.into());
     }

@@ -9,7 +9,7 @@ use super::Etcd;
 use crate::plugins::BuildContext;
 use crate::resources::{ConsumerSpec, CredentialSpec, RouteSpec};
 use crate::snapshot;
-use crate::store::layers::{Stamp, Stored, view};
+use crate::store::layers::{Keyed, Stamp, Stored, view};
 use crate::store::{ResourceId, Store, WriteError, conflict, duplicate_key, now, parse};
 
 impl Store {
@@ -45,7 +45,7 @@ impl Store {
                 let mut spec: RouteSpec = parse(body)?;
                 spec.id = Some(rid.clone());
                 snapshot::compile_route(rid, &spec, &cx)?;
-                stamp(&spec, Some(rid), create_time, t)
+                stamp(&spec, rid, create_time, t)
             }
             ResourceId::Consumer(name) => {
                 let spec: ConsumerSpec = parse(body)?;
@@ -68,7 +68,7 @@ impl Store {
                         )));
                     }
                 }
-                stamp(&spec, None, create_time, t)
+                stamp(&spec, name, create_time, t)
             }
             ResourceId::Credential(user, cid) => {
                 let consumer_key = etcd.key(&ResourceId::Consumer(user.clone()));
@@ -98,7 +98,7 @@ impl Store {
                         duplicate_key(&k)
                     )));
                 }
-                stamp(&spec, Some(cid), create_time, t)
+                stamp(&spec, cid, create_time, t)
             }
         };
         let json = serde_json::to_vec(&value).map_err(|e| WriteError::Invalid(e.to_string()))?;
@@ -146,9 +146,9 @@ impl Store {
 }
 
 /// The Admin `value` of a spec stamped with its times (what etcd stores).
-fn stamp<T: serde::Serialize + serde::de::DeserializeOwned>(
+fn stamp<T: Keyed + serde::Serialize + serde::de::DeserializeOwned>(
     spec: &T,
-    id: Option<&String>,
+    key: &str,
     create_time: Option<i64>,
     t: i64,
 ) -> Value {
@@ -158,5 +158,5 @@ fn stamp<T: serde::Serialize + serde::de::DeserializeOwned>(
         created_index: 0,
         modified_index: 0,
     };
-    view(&Stored::new(spec, None), stamp, id.map(String::as_str)).0
+    view(&Stored::new(spec, None), stamp, key).0
 }
