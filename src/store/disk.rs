@@ -15,7 +15,8 @@
 //! without its newline, never acknowledged, and dropped when read. One between a
 //! new snapshot's rename and the journal's truncation leaves lines the snapshot
 //! already holds, skipped by their index. Opening folds a non-empty journal into a
-//! new snapshot, so after a start the state file alone holds everything.
+//! new snapshot, so after a start the state file alone holds everything; a journal
+//! without its state file (removed to start over) is ignored.
 use std::fs::File;
 use std::io::{BufRead, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -178,6 +179,22 @@ impl Disk {
             },
             Err(e) => return Err(e.to_string()),
         };
+        if disk.snapshot_len.is_none() {
+            // Every journal line extends a state file (the first write makes one):
+            // without it, a journal is what is left after someone removed the state
+            // file to start over. Cut off at the first write.
+            if let Ok(m) = std::fs::metadata(&disk.journal_path)
+                && m.len() > 0
+            {
+                tracing::warn!(
+                    journal = %disk.journal_path.display(),
+                    bytes = m.len(),
+                    "no state file: ignoring the journal beside it"
+                );
+                disk.tainted = true;
+            }
+            return Ok((disk, admin));
+        }
         let replayed = disk.replay(&mut admin)?;
         if (replayed > 0 || disk.tainted)
             && let Err(e) = disk.compact(&admin)
@@ -538,6 +555,27 @@ mod tests {
         assert!(lines.ends_with('\n') && !lines.contains("lost"), "{lines}");
         drop(s);
         assert_eq!(layer(&open(&state).unwrap()).await, before);
+    }
+
+    #[tokio::test]
+    async fn a_journal_without_its_state_file_is_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state.json");
+        let s = open(&state).unwrap();
+        writes(&s).await;
+        drop(s);
+        // Removed to start the Admin layer over.
+        std::fs::remove_file(&state).unwrap();
+        let s = open(&state).unwrap();
+        assert!(s.get(&ResourceId::Consumer("bob".into())).await.is_none());
+        s.put(ResourceId::Route("new".into()), json!({"uri": "/new"}))
+            .await
+            .unwrap();
+        assert_eq!(std::fs::metadata(journal(&state)).unwrap().len(), 0);
+        drop(s);
+        let s = open(&state).unwrap();
+        assert!(s.get(&ResourceId::Consumer("bob".into())).await.is_none());
+        assert!(s.get(&ResourceId::Route("new".into())).await.is_some());
     }
 
     #[tokio::test]
