@@ -765,3 +765,70 @@ async fn credentials_crud_follows_apisix_and_decides_the_next_request() {
     let answer = admin.get("consumers/jack/credentials").await;
     assert_bad_request(&answer, "consumer not found");
 }
+
+/// Writers keep the Admin API busy when the process is killed (SIGKILL, between or in
+/// the middle of journal appends): every write answered 2xx before the crash is there
+/// after the restart, and a line the crash cut short does not stop the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_write_acknowledged_before_a_crash_survives_it() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    let mut portcullis = common::Portcullis::start("").await;
+    let admin = portcullis.admin();
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let (admin, stop, acked) = (admin.clone(), stop.clone(), acked.clone());
+            let client = reqwest::Client::new();
+            tokio::spawn(async move {
+                for i in 0.. {
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let name = format!("w{w}_{i}");
+                    let body = json!({"username": name, "desc": format!("writer {w}, write {i}")});
+                    let answer = client
+                        .put(admin.url(&format!("consumers/{name}")))
+                        .header("X-API-KEY", ADMIN_KEY)
+                        .header("content-type", "application/json")
+                        .body(body.to_string())
+                        .send()
+                        .await;
+                    match answer {
+                        Ok(r) if r.status().is_success() => acked.lock().unwrap().push(name),
+                        // The crash: this write was never acknowledged.
+                        _ => break,
+                    }
+                }
+            })
+        })
+        .collect();
+    while acked.lock().unwrap().len() < 300 {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    stop.store(true, Ordering::SeqCst);
+    portcullis.restart().await;
+    for w in writers {
+        w.await.unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() >= 300);
+    for name in &acked {
+        let (status, body) = admin.get(&format!("consumers/{name}")).await;
+        assert_eq!(status, 200, "{name} was acknowledged, then lost: {body}");
+        assert_eq!(body["value"]["username"], name.as_str());
+    }
+    // The restart folded the journal into the state file.
+    let journal = portcullis.dir().join(format!(
+        "{}.journal",
+        portcullis
+            .state_path()
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+    ));
+    assert_eq!(std::fs::metadata(journal).map(|m| m.len()).unwrap_or(0), 0);
+}
