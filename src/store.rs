@@ -5,10 +5,10 @@
 //! deletions of file-declared resources (kept as tombstones), so a restart or a
 //! file reload never resurrects what an operator removed or undoes what they wrote.
 //!
-//! Every change is serialised by one async lock: validate and compile → persist
-//! (a synced line in the state file's journal, [`disk`]) → publish → acknowledge. Publishing is incremental: a
-//! route write rebuilds only the route index; a consumer or credential write updates
-//! its own entries in the shared concurrent maps.
+//! Every change is serialised by one async lock: validate and compile → persist (a
+//! synced line in the state file's journal, [`disk`]) → publish → acknowledge.
+//! Publishing is incremental: a route write rebuilds only the route index; a consumer
+//! or credential write updates its own entries in the shared concurrent maps.
 //!
 //! With `store.kind: etcd` ([`etcd`]) there is no file layer: the Admin layer is a
 //! mirror of the etcd prefix, kept by a watch, and a write is a revision-checked
