@@ -59,6 +59,14 @@ async fn counters_move_with_checks_writes_and_reloads() {
         1.0,
         "{text}"
     );
+    // The first write makes the state file; the next is a line in its journal.
+    let (status, _) = stack.admin().put("routes/r3", json!({"uri": "/r3"})).await;
+    assert_eq!(status, 201);
+    let text = metrics(&stack).await;
+    for how in ["rewrite", "append"] {
+        let series = format!(r#"portcullis_state_file_write_seconds_count{{how="{how}"}}"#);
+        assert_eq!(sample(&text, &series), 1.0, "{series}\n{text}");
+    }
 
     stack.portcullis.reload(
         "admin: { api_key: $env://ADMIN_API_KEY }\nroutes: [ { id: open, uri: /open2/* } ]\n",

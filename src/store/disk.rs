@@ -256,15 +256,27 @@ impl Disk {
         let mut line = serde_json::to_vec(&Entry::after(undo, admin))
             .map_err(|e| self.error(&self.journal_path, e.into()))?;
         line.push(b'\n');
-        match self.snapshot_len {
+        let started = std::time::Instant::now();
+        let (how, done) = match self.snapshot_len {
             Some(snapshot)
                 if self.journal_len + line.len() as u64 <= (snapshot / 2).max(self.floor) =>
             {
-                self.append(&line)
-                    .map_err(|e| self.error(&self.journal_path, e))
+                let done = self.append(&line);
+                (
+                    "append",
+                    done.map_err(|e| self.error(&self.journal_path, e)),
+                )
             }
-            _ => self.compact(admin).map_err(|e| self.error(&self.path, e)),
-        }
+            _ => {
+                let done = self.compact(admin);
+                ("rewrite", done.map_err(|e| self.error(&self.path, e)))
+            }
+        };
+        // What a write waits for on disk: the sync of one line, or now and then the
+        // whole state file.
+        metrics::histogram!("portcullis_state_file_write_seconds", "how" => how)
+            .record(started.elapsed().as_secs_f64());
+        done
     }
 
     fn append(&mut self, line: &[u8]) -> std::io::Result<()> {
