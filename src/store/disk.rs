@@ -414,6 +414,15 @@ mod tests {
         serde_json::to_string(&s.inner.lock().await.admin).unwrap()
     }
 
+    /// A store on an empty directory: the directory (removed when dropped), the state
+    /// file's path, the store.
+    fn fresh() -> (tempfile::TempDir, std::path::PathBuf, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state.json");
+        let s = open(&state).unwrap();
+        (dir, state, s)
+    }
+
     fn journal(state: &Path) -> std::path::PathBuf {
         state.with_file_name("state.json.journal")
     }
@@ -481,9 +490,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_line_cut_short_by_a_crash_is_dropped_and_a_bad_whole_line_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let state = dir.path().join("state.json");
-        let s = open(&state).unwrap();
+        let (_dir, state, s) = fresh();
         writes(&s).await;
         let before = layer(&s).await;
         drop(s);
@@ -506,9 +513,7 @@ mod tests {
 
     #[tokio::test]
     async fn lines_the_state_file_already_holds_are_skipped() {
-        let dir = tempfile::tempdir().unwrap();
-        let state = dir.path().join("state.json");
-        let s = open(&state).unwrap();
+        let (_dir, state, s) = fresh();
         let a1 = ResourceId::Route("a1".into());
         s.put(ResourceId::Route("first".into()), json!({"uri": "/"}))
             .await
@@ -529,9 +534,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_append_changes_nothing_and_the_next_cuts_off_its_remains() {
-        let dir = tempfile::tempdir().unwrap();
-        let state = dir.path().join("state.json");
-        let s = open(&state).unwrap();
+        let (_dir, state, s) = fresh();
         s.put(ResourceId::Route("first".into()), json!({"uri": "/"}))
             .await
             .unwrap();
@@ -571,9 +574,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_journal_without_its_state_file_is_ignored() {
-        let dir = tempfile::tempdir().unwrap();
-        let state = dir.path().join("state.json");
-        let s = open(&state).unwrap();
+        let (_dir, state, s) = fresh();
         writes(&s).await;
         drop(s);
         // Removed to start the Admin layer over.
@@ -593,9 +594,7 @@ mod tests {
     #[tokio::test]
     async fn the_journal_is_readable_by_its_owner_only() {
         use std::os::unix::fs::PermissionsExt;
-        let dir = tempfile::tempdir().unwrap();
-        let state = dir.path().join("state.json");
-        let s = open(&state).unwrap();
+        let (_dir, state, s) = fresh();
         for id in ["a", "b"] {
             s.put(ResourceId::Route(id.into()), json!({"uri": "/"}))
                 .await
