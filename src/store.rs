@@ -416,7 +416,7 @@ impl Store {
                     .admin
                     .deleted
                     .credentials
-                    .remove(&format!("{user}/{cid}"));
+                    .remove(&layers::credential_text(user, cid));
                 inner.admin.written.credentials.insert(ck.clone(), stored);
                 self.commit(&mut inner, index, undo)?;
                 Box::new(move |inner| {
@@ -484,7 +484,7 @@ impl Store {
                             .admin
                             .deleted
                             .credentials
-                            .insert(format!("{}/{}", ck.0, ck.1));
+                            .insert(layers::credential_text(&ck.0, &ck.1));
                     }
                 }
                 inner.admin.written.consumers.remove(name.as_str());
@@ -507,7 +507,7 @@ impl Store {
                         .admin
                         .deleted
                         .credentials
-                        .insert(format!("{user}/{cid}"));
+                        .insert(layers::credential_text(user, cid));
                 }
                 self.commit(&mut inner, index, undo)?;
                 inner

@@ -27,7 +27,9 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use super::WriteError;
-use super::layers::{StateFile, Stored, Undo, shared_name};
+use super::layers::{
+    StateFile, Stored, Undo, credential_text, set, shared_name, split_credential_text,
+};
 use crate::resources::{ConsumerSpec, CredentialSpec, RouteSpec};
 
 /// Below this size the journal is never folded: a small store would otherwise
@@ -99,7 +101,7 @@ impl Entry {
                 .collect(),
             credentials: (undo.credentials.iter())
                 .map(|(key, _)| {
-                    let id = format!("{}/{}", key.0, key.1);
+                    let id = credential_text(&key.0, &key.1);
                     Change {
                         written: w.credentials.get(key).cloned(),
                         deleted: d.credentials.contains(&id),
@@ -120,28 +122,17 @@ impl Entry {
         }
         let (w, d) = (&mut admin.written, &mut admin.deleted);
         for c in self.routes {
-            match c.written {
-                Some(s) => w.routes.insert(c.id.clone(), s),
-                None => w.routes.remove(&c.id),
-            };
+            set(&mut w.routes, c.id.clone(), c.written);
             tombstone(&mut d.routes, c.id, c.deleted);
         }
         for c in self.consumers {
-            match c.written {
-                Some(s) => w.consumers.insert(c.id.as_str().into(), s),
-                None => w.consumers.remove(c.id.as_str()),
-            };
+            set(&mut w.consumers, c.id.as_str().into(), c.written);
             tombstone(&mut d.consumers, c.id, c.deleted);
         }
         for c in self.credentials {
-            let Some((user, id)) = c.id.split_once('/') else {
-                return Err(format!("bad credential key {:?}", c.id));
-            };
+            let (user, id) = split_credential_text(&c.id)?;
             let key = (shared_name(&w.consumers, user), Arc::<str>::from(id));
-            match c.written {
-                Some(s) => w.credentials.insert(key, s),
-                None => w.credentials.remove(&key),
-            };
+            set(&mut w.credentials, key, c.written);
             tombstone(&mut d.credentials, c.id, c.deleted);
         }
         admin.index = self.index;

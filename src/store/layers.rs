@@ -306,7 +306,19 @@ impl<'de, K: Ord + Deserialize<'de>, V: Deserialize<'de>> Deserialize<'de> for P
 /// JSON objects need string keys: credentials persist as `"user/id"`, read back by
 /// [`CredentialsSeed`].
 fn credential_keys<S: Serializer>(map: &CredentialMap, s: S) -> Result<S::Ok, S::Error> {
-    s.collect_map(map.iter().map(|((u, id), v)| (format!("{u}/{id}"), v)))
+    s.collect_map(map.iter().map(|((u, id), v)| (credential_text(u, id), v)))
+}
+
+/// A credential as `"user/id"`: its key in the state file, the journal and the
+/// tombstones, which must agree.
+pub fn credential_text(user: &str, id: &str) -> String {
+    format!("{user}/{id}")
+}
+
+/// [`credential_text`]'s two parts; a username has no `/`, so the first one splits.
+pub fn split_credential_text(text: &str) -> Result<(&str, &str), String> {
+    text.split_once('/')
+        .ok_or_else(|| format!("bad credential key {text:?}"))
 }
 
 /// (username, credential id), shared with the compiled credential.
@@ -329,7 +341,7 @@ impl Tombstones {
     /// Whether the Admin API deleted this file-declared credential. Most stores have
     /// no such tombstone: then no key is formatted (a rebuild asks for every credential).
     pub fn has_credential(&self, user: &str, id: &str) -> bool {
-        !self.credentials.is_empty() && self.credentials.contains(&format!("{user}/{id}"))
+        !self.credentials.is_empty() && self.credentials.contains(&credential_text(user, id))
     }
 }
 
@@ -521,9 +533,7 @@ impl<'de> serde::de::Visitor<'de> for CredentialKeySeed<'_> {
     }
 
     fn visit_str<E: serde::de::Error>(self, k: &str) -> Result<CredentialKey, E> {
-        let (user, id) = k
-            .split_once('/')
-            .ok_or_else(|| E::custom(format!("bad credential key {k:?}")))?;
+        let (user, id) = split_credential_text(k).map_err(E::custom)?;
         let id = match self.ids.get(id) {
             Some(shared) => shared.clone(),
             None => {
@@ -621,10 +631,7 @@ impl Undo {
     pub fn restore(self, admin: &mut StateFile) {
         fn put_back<K: Ord, V>(map: &mut BTreeMap<K, V>, entries: Vec<(K, Option<V>)>) {
             for (k, v) in entries.into_iter().rev() {
-                match v {
-                    Some(v) => map.insert(k, v),
-                    None => map.remove(&k),
-                };
+                set(map, k, v);
             }
         }
         admin.index = self.index;
@@ -633,6 +640,14 @@ impl Undo {
         put_back(&mut admin.written.consumers, self.consumers);
         put_back(&mut admin.written.credentials, self.credentials);
     }
+}
+
+/// `key` holds `value` in `map` afterwards; `None` removes it.
+pub(super) fn set<K: Ord, V>(map: &mut BTreeMap<K, V>, key: K, value: Option<V>) {
+    match value {
+        Some(v) => map.insert(key, v),
+        None => map.remove(&key),
+    };
 }
 
 /// File entries not deleted, overlaid with Admin writes, in key order: a merge of
