@@ -351,10 +351,9 @@ impl<E: std::fmt::Display> From<serde_path_to_error::Error<E>> for ReadError {
 }
 
 /// Reads JSON with serde_json when `text` is a JSON object (or `json_only`), YAML
-/// otherwise. serde_json deserialises as it reads; serde_yaml first loads the whole
-/// document's events, ≈ 3 KB per consumer with a credential: at 100k consumers most
-/// of a 387 MiB peak while starting, where the same config as JSON peaks at 145 MiB
-/// (docs/benchmarks.md). Text that starts like JSON but is not (a YAML flow mapping,
+/// otherwise: a top-level entry or list item at a time where it can
+/// ([`crate::yaml::read_in_pieces`]), else whole with serde_yaml, which also reports
+/// every error. Text that starts like JSON but is not (a YAML flow mapping,
 /// `{listen: ...}`) is read as YAML unless `json_only`.
 pub fn read_json_or_yaml<T: DeserializeOwned>(text: &str, json_only: bool) -> Result<T, ReadError> {
     if json_only || text.trim_start().starts_with('{') {
@@ -373,6 +372,9 @@ pub fn read_json_or_yaml<T: DeserializeOwned>(text: &str, json_only: bool) -> Re
             Err(e) if !json_only && e.inner().is_syntax() => {}
             Err(e) => return Err(e.into()),
         }
+    }
+    if let Some(value) = crate::yaml::read_in_pieces(text) {
+        return Ok(value);
     }
     Ok(serde_path_to_error::deserialize(
         serde_yaml::Deserializer::from_str(text),

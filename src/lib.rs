@@ -28,3 +28,4 @@ pub mod store;
 pub mod telemetry;
 pub mod watch;
 pub mod wire;
+pub mod yaml;

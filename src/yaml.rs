@@ -1,0 +1,581 @@
+//! Reads a YAML config or state file one top-level entry, or one item of a top-level
+//! list, at a time, with exactly serde_yaml 0.9's meaning.
+//!
+//! serde_yaml loads every event of a document before it deserialises any of it:
+//! ≈ 3 KB per consumer with a credential, most of a 387 MiB peak while a 100k-consumer
+//! config file loads (the same config as JSON peaks at 145 MiB; docs/benchmarks.md).
+//! Here libyaml — the parser serde_yaml uses — first walks the document keeping only
+//! where each top-level entry and each item of a top-level block list begins and
+//! ends; serde_yaml then reads one such piece of the original text at a time. Every
+//! piece starts at the start of a line, so its lines keep their columns and libyaml
+//! reads the same events from it as from the whole document: a key with its value
+//! (`listen:\n  grpc: …`) as a mapping of one entry, a list item (`  - username: …`)
+//! as a list of one item. Scalars, tags and block scalars therefore resolve as they
+//! always did.
+//!
+//! What a piece cannot see on its own sends the whole text to serde_yaml, as before:
+//! an alias (its anchor may be in another piece), a `%YAML` or `%TAG` directive, a
+//! top-level mapping that is tagged, in flow style or not at column 0, more than one
+//! document, nesting deeper than [`MAX_DEPTH`] (serde_yaml's recursion limit counts
+//! from the document's root), text libyaml refuses — and any error at all, so that
+//! serde_yaml reports it with its own path and line, word for word as before.
+
+mod events;
+
+use std::fmt;
+use std::ops::Range;
+
+use serde::de::{self, DeserializeSeed, IgnoredAny, Visitor};
+use serde::{Deserialize, Deserializer};
+
+use events::{Event, Events, Kind};
+
+/// Deserialises `text` piece by piece; `None` when it must be read whole by
+/// serde_yaml instead (see the module doc), including when it is not a valid `T`.
+pub fn read_in_pieces<'de, T: Deserialize<'de>>(text: &'de str) -> Option<T> {
+    let entries = plan(text)?;
+    let root = Node {
+        text,
+        shape: Shape::Root(&entries),
+    };
+    // Through serde_path_to_error, as the whole-document read goes: each piece's
+    // values then deserialise with the very code that read them whole (without it,
+    // every config type's code is compiled a second time, +0.4 MB of binary and
+    // +1.6 MB of resident file pages at 100k consumers).
+    serde_path_to_error::deserialize(root).ok()
+}
+
+/// The deepest nesting a piece may have. serde_yaml stops at 128 levels from the
+/// document's root; a piece read on its own starts one or two levels higher, so a
+/// document nested near that limit could read where the whole would not.
+const MAX_DEPTH: usize = 64;
+
+/// One entry of the top-level mapping, as byte ranges of the text.
+struct Entry {
+    key: Range<usize>,
+    value: Pieces,
+}
+
+enum Pieces {
+    /// From the key's first byte to the value's end: a mapping of one entry.
+    Whole(Range<usize>),
+    /// A block list: each item from the start of its `- ` line to the item's end.
+    Items(Vec<Range<usize>>),
+}
+
+/// Where the pieces are, or `None` if the document cannot be read in pieces.
+fn plan(text: &str) -> Option<Vec<Entry>> {
+    if text.starts_with('\u{feff}') {
+        return None; // libyaml's indices would not count the byte-order mark
+    }
+    let mut events = Events::new(text).map_while(Result::ok);
+    let mut next = move || events.next();
+    expect(next()?, Kind::StreamStart)?;
+    expect(next()?, Kind::DocumentStart { directives: false })?;
+    let root = next()?;
+    if root.kind != (Kind::MappingStart { block: true }) || root.tagged {
+        return None;
+    }
+    let mut entries = Vec::new();
+    loop {
+        let key = next()?;
+        match key.kind {
+            Kind::MappingEnd => break,
+            Kind::Scalar if key.start.column == 0 => {}
+            _ => return None,
+        }
+        let first = next()?;
+        let value = if first.kind == (Kind::SequenceStart { block: true }) && !first.tagged {
+            let mut items = Vec::new();
+            loop {
+                let item = next()?;
+                if item.kind == Kind::SequenceEnd {
+                    break;
+                }
+                let end = node_end(&mut next, item)?;
+                items.push(line_of_dash(text, item.start.index)?..end);
+            }
+            Pieces::Items(items)
+        } else {
+            Pieces::Whole(key.start.index..node_end(&mut next, first)?)
+        };
+        entries.push(Entry {
+            key: key.start.index..key.end.index,
+            value,
+        });
+    }
+    expect(next()?, Kind::DocumentEnd)?;
+    expect(next()?, Kind::StreamEnd)?;
+    Some(entries)
+}
+
+fn expect(event: Event, kind: Kind) -> Option<()> {
+    (event.kind == kind).then_some(())
+}
+
+/// Consumes the events of the node that starts with `first`; returns where it ends.
+fn node_end(next: &mut impl FnMut() -> Option<Event>, first: Event) -> Option<usize> {
+    let mut depth = 0usize;
+    let mut event = first;
+    loop {
+        match event.kind {
+            Kind::Scalar => {}
+            Kind::SequenceStart { .. } | Kind::MappingStart { .. } => {
+                depth += 1;
+                if depth > MAX_DEPTH {
+                    return None;
+                }
+            }
+            Kind::SequenceEnd | Kind::MappingEnd => depth = depth.checked_sub(1)?,
+            _ => return None, // an alias, or the document's end
+        }
+        if depth == 0 {
+            return Some(event.end.index);
+        }
+        event = next()?;
+    }
+}
+
+/// The start of the line of the item that starts at `start`, when that line is only
+/// indentation, the item's `-` and blanks before it.
+fn line_of_dash(text: &str, start: usize) -> Option<usize> {
+    let before = text.get(..start)?;
+    let line = before.rfind('\n').map_or(0, |i| i + 1);
+    let after_dash = before[line..].trim_start_matches(' ').strip_prefix('-')?;
+    (!after_dash.is_empty() && after_dash.bytes().all(|b| b == b' ' || b == b'\t')).then_some(line)
+}
+
+/// Whatever stops the piecewise read; never shown, since serde_yaml then reads the
+/// whole text and reports the error itself.
+#[derive(Debug)]
+struct ReadWhole;
+
+impl fmt::Display for ReadWhole {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("read the whole document with serde_yaml")
+    }
+}
+
+impl std::error::Error for ReadWhole {}
+
+impl de::Error for ReadWhole {
+    fn custom<T: fmt::Display>(_: T) -> Self {
+        ReadWhole
+    }
+}
+
+impl From<serde_yaml::Error> for ReadWhole {
+    fn from(_: serde_yaml::Error) -> Self {
+        ReadWhole
+    }
+}
+
+/// The top-level mapping, or one of its block lists: what serde_yaml does with an
+/// untagged mapping or sequence, for every `deserialize_*` a type may call, except
+/// that each piece is handed to serde_yaml and any failure is [`ReadWhole`].
+struct Node<'p, 'de> {
+    text: &'de str,
+    shape: Shape<'p>,
+}
+
+#[derive(Clone, Copy)]
+enum Shape<'p> {
+    Root(&'p [Entry]),
+    Items(&'p [Range<usize>]),
+}
+
+impl<'p, 'de> Node<'p, 'de> {
+    fn visit<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, ReadWhole> {
+        match self.shape {
+            Shape::Root(entries) => {
+                let mut map = Entries {
+                    text: self.text,
+                    entries: entries.iter(),
+                    value: None,
+                };
+                let value = visitor.visit_map(&mut map)?;
+                // serde_yaml fails when a visitor leaves entries unread.
+                (map.entries.len() == 0 && map.value.is_none())
+                    .then_some(value)
+                    .ok_or(ReadWhole)
+            }
+            Shape::Items(items) => {
+                let mut seq = Items {
+                    text: self.text,
+                    items: items.iter(),
+                };
+                let value = visitor.visit_seq(&mut seq)?;
+                (seq.items.len() == 0).then_some(value).ok_or(ReadWhole)
+            }
+        }
+    }
+
+    fn visit_map<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, ReadWhole> {
+        match self.shape {
+            Shape::Root(_) => self.visit(visitor),
+            Shape::Items(_) => Err(ReadWhole),
+        }
+    }
+
+    fn visit_seq<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, ReadWhole> {
+        match self.shape {
+            Shape::Items(_) => self.visit(visitor),
+            Shape::Root(_) => Err(ReadWhole),
+        }
+    }
+}
+
+/// `deserialize_*` methods that serde_yaml refuses for a mapping or a sequence.
+macro_rules! refuse {
+    ($($method:ident($($arg:ty),*);)*) => {$(
+        fn $method<V: Visitor<'de>>(self, $(_: $arg,)* _: V) -> Result<V::Value, ReadWhole> {
+            Err(ReadWhole)
+        }
+    )*};
+}
+
+impl<'de> Deserializer<'de> for Node<'_, 'de> {
+    type Error = ReadWhole;
+
+    fn deserialize_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, ReadWhole> {
+        self.visit(visitor)
+    }
+
+    fn deserialize_map<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, ReadWhole> {
+        self.visit_map(visitor)
+    }
+
+    fn deserialize_struct<V: Visitor<'de>>(
+        self,
+        _: &'static str,
+        _: &'static [&'static str],
+        visitor: V,
+    ) -> Result<V::Value, ReadWhole> {
+        self.visit_map(visitor)
+    }
+
+    fn deserialize_seq<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, ReadWhole> {
+        self.visit_seq(visitor)
+    }
+
+    fn deserialize_tuple<V: Visitor<'de>>(
+        self,
+        _: usize,
+        visitor: V,
+    ) -> Result<V::Value, ReadWhole> {
+        self.visit_seq(visitor)
+    }
+
+    fn deserialize_tuple_struct<V: Visitor<'de>>(
+        self,
+        _: &'static str,
+        _: usize,
+        visitor: V,
+    ) -> Result<V::Value, ReadWhole> {
+        self.visit_seq(visitor)
+    }
+
+    fn deserialize_option<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, ReadWhole> {
+        visitor.visit_some(self)
+    }
+
+    fn deserialize_newtype_struct<V: Visitor<'de>>(
+        self,
+        _: &'static str,
+        visitor: V,
+    ) -> Result<V::Value, ReadWhole> {
+        visitor.visit_newtype_struct(self)
+    }
+
+    fn deserialize_ignored_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, ReadWhole> {
+        visitor.visit_unit()
+    }
+
+    refuse! {
+        deserialize_bool(); deserialize_i8(); deserialize_i16(); deserialize_i32();
+        deserialize_i64(); deserialize_i128(); deserialize_u8(); deserialize_u16();
+        deserialize_u32(); deserialize_u64(); deserialize_u128(); deserialize_f32();
+        deserialize_f64(); deserialize_char(); deserialize_str(); deserialize_string();
+        deserialize_bytes(); deserialize_byte_buf(); deserialize_unit();
+        deserialize_identifier(); deserialize_unit_struct(&'static str);
+        deserialize_enum(&'static str, &'static [&'static str]);
+    }
+}
+
+struct Entries<'p, 'de> {
+    text: &'de str,
+    entries: std::slice::Iter<'p, Entry>,
+    value: Option<&'p Pieces>,
+}
+
+impl<'de> de::MapAccess<'de> for Entries<'_, 'de> {
+    type Error = ReadWhole;
+
+    fn next_key_seed<K: DeserializeSeed<'de>>(
+        &mut self,
+        seed: K,
+    ) -> Result<Option<K::Value>, ReadWhole> {
+        if self.value.is_some() {
+            return Err(ReadWhole); // a key asked for instead of a value
+        }
+        let Some(entry) = self.entries.next() else {
+            return Ok(None);
+        };
+        self.value = Some(&entry.value);
+        let key = &self.text[entry.key.clone()];
+        Ok(Some(
+            seed.deserialize(serde_yaml::Deserializer::from_str(key))?,
+        ))
+    }
+
+    fn next_value_seed<S: DeserializeSeed<'de>>(&mut self, seed: S) -> Result<S::Value, ReadWhole> {
+        match self.value.take().ok_or(ReadWhole)? {
+            Pieces::Whole(range) => {
+                let piece = serde_yaml::Deserializer::from_str(&self.text[range.clone()]);
+                Ok(piece.deserialize_map(OnlyOne(seed))?)
+            }
+            Pieces::Items(items) => seed.deserialize(Node {
+                text: self.text,
+                shape: Shape::Items(items),
+            }),
+        }
+    }
+
+    fn size_hint(&self) -> Option<usize> {
+        Some(self.entries.len())
+    }
+}
+
+struct Items<'p, 'de> {
+    text: &'de str,
+    items: std::slice::Iter<'p, Range<usize>>,
+}
+
+impl<'de> de::SeqAccess<'de> for Items<'_, 'de> {
+    type Error = ReadWhole;
+
+    fn next_element_seed<S: DeserializeSeed<'de>>(
+        &mut self,
+        seed: S,
+    ) -> Result<Option<S::Value>, ReadWhole> {
+        let Some(range) = self.items.next() else {
+            return Ok(None);
+        };
+        let piece = serde_yaml::Deserializer::from_str(&self.text[range.clone()]);
+        Ok(Some(piece.deserialize_seq(OnlyOne(seed))?))
+    }
+
+    fn size_hint(&self) -> Option<usize> {
+        Some(self.items.len())
+    }
+}
+
+/// Reads a piece's one entry's value, or its one item, with `seed`.
+struct OnlyOne<S>(S);
+
+impl<'de, S: DeserializeSeed<'de>> Visitor<'de> for OnlyOne<S> {
+    type Value = S::Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a piece of the document with one entry or item")
+    }
+
+    fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<S::Value, A::Error> {
+        map.next_key::<IgnoredAny>()?
+            .ok_or_else(|| de::Error::custom("an empty piece"))?;
+        let value = map.next_value_seed(self.0)?;
+        match map.next_key::<IgnoredAny>()? {
+            None => Ok(value),
+            Some(_) => Err(de::Error::custom("a piece of more than one entry")),
+        }
+    }
+
+    fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<S::Value, A::Error> {
+        let value = seq
+            .next_element_seed(self.0)?
+            .ok_or_else(|| de::Error::custom("an empty piece"))?;
+        match seq.next_element::<IgnoredAny>()? {
+            None => Ok(value),
+            Some(_) => Err(de::Error::custom("a piece of more than one item")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::FileConfig;
+
+    /// Read in pieces, and as serde_yaml reads the whole text, into serde_yaml's own
+    /// `Value` (every scalar type, tags as tagged values).
+    fn both(text: &str) -> (Option<serde_yaml::Value>, serde_yaml::Value) {
+        let whole = serde_yaml::from_str(text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        (read_in_pieces(text), whole)
+    }
+
+    fn same_in_pieces(text: &str) {
+        let (pieces, whole) = both(text);
+        assert!(
+            plan(text).is_some(),
+            "expected to be read in pieces:\n{text}"
+        );
+        assert_eq!(pieces.as_ref(), Some(&whole), "\n{text}");
+    }
+
+    /// Documents whose every piece must read as in the whole.
+    const TRICKY: &[&str] = &[
+        // scalars as serde_yaml 0.9 resolves them
+        "a: 1\nb: 0x1f\nc: 0o17\nd: +12\ne: 1.5e3\nf: .inf\ng: -.Inf\nh: .nan\ni: ~\nj:\nk: null\n",
+        "a: true\nb: True\nc: yes\nd: on\ne: 012\nf: '012'\ng: \"x\\ty\"\nh: 1_000\ni: 2001-12-14\n",
+        // tags on values and items
+        "a: !!str 123\nb: !!int '7'\nc: !Variant { x: 1 }\nd:\n  - !!float 1\n  - !Unit\n",
+        // block scalars, with explicit indentation and chomping, at each level
+        "a: |\n  one\n   two\n\nb: >-\n  folded\n  text\nc: |2\n    four\nd: |+\n  keep\n\n\ne: x\n",
+        "items:\n  - |1\n    deep\n  - >2-\n     x\n  - k: |3\n        y\n",
+        // indentless and indented lists, flow and block items, compact nesting
+        "routes:\n- a\n- { b: 1, c: [1, 2] }\n- - x\n  - y\nconsumers:\n  - username: u\n    labels:\n      k: v\n  -   spaced: 1\n",
+        // multi-line plain and quoted scalars, comments everywhere
+        "# head\na: one\n  two\n  three   # trailing\nb: 'single\n  quoted'\nl:\n  # before\n  - \"double\n    quoted\"  # after\n  # between\n  - x\n# tail\n",
+        // anchors without aliases, quoted keys
+        "\"quoted key\": &a 1\n'single': [&b x]\nl:\n  - &c { k: v }\n  - &d\n    k: w\n",
+        // document markers, CRLF, non-ASCII before nodes
+        "---\na: 1\r\nl:\r\n  - é: ü\r\n  - \"ç\": [ä, ö]\r\n...\n",
+        "ключ: значение\nсписок:\n  - элемент: 1\n  - { 名前: 値 }\n",
+        // null items
+        "l:\n  - ~\n  - null\n  - x\n",
+        // flow collections across lines
+        "l: [ a,\n  b, { c: d,\n   e: f } ]\nm: { x: 1,\n  y: 2 }\n",
+    ];
+
+    /// Valid documents the reader leaves whole, though serde_yaml reads them.
+    const LEFT_WHOLE: &[&str] = &[
+        "? [complex]\n: value\n", // a key that does not start its line
+        "l:\n  -\n  - x\n",       // an item with nothing after its dash
+        "l:\n  - # a comment before the item\n    k: v\n",
+    ];
+
+    #[test]
+    fn every_piece_reads_as_serde_yaml_reads_it_in_the_whole_document() {
+        for text in TRICKY {
+            same_in_pieces(text);
+        }
+        for text in LEFT_WHOLE {
+            let (pieces, _) = both(text);
+            assert!(pieces.is_none(), "{text}");
+        }
+    }
+
+    #[test]
+    fn a_config_reads_the_same_in_pieces_as_whole() {
+        let text = "\
+listen: { grpc: 127.0.0.1:1, http: 127.0.0.1:2 }
+admin:
+  api_key: k
+routes:
+  - { id: r1, uri: /a/*, plugins: { jwt-auth: {} } }
+  - id: r2
+    uri: /b
+    methods: [GET]
+consumers:
+- username: alice
+  labels: { custom_id: c1 }
+  credentials:
+    - id: one
+      plugins:
+        jwt-auth: { key: ak, secret: s }
+- { username: bob }
+";
+        let pieces: FileConfig = read_in_pieces(text).expect("read in pieces");
+        let whole: FileConfig = serde_yaml::from_str(text).unwrap();
+        assert_eq!(format!("{pieces:?}"), format!("{whole:?}"));
+        assert_eq!(pieces.consumers.len(), 2);
+        assert_eq!(pieces.routes.len(), 2);
+    }
+
+    #[test]
+    fn what_a_piece_cannot_see_goes_whole_to_serde_yaml() {
+        for text in [
+            "a: &x 1\nb: *x\n",              // an alias
+            "l:\n  - &x { k: v }\n  - *x\n", // an alias across items
+            "%YAML 1.1\n---\na: 1\n",        // a directive
+            "%TAG ! tag:example.com,2000:\n---\na: !x 1\n",
+            "a: 1\n---\nb: 2\n",  // two documents
+            "{ a: 1, b: [2] }\n", // a flow mapping at the top
+            "!!map\na: 1\n",      // a tagged top-level mapping
+            "- a\n- b\n",         // not a mapping
+            "",                   // no document
+            "\u{feff}a: 1\n",     // a byte-order mark
+            "a: [unclosed\n",     // not YAML
+        ] {
+            assert!(plan(text).is_none(), "{text:?}");
+        }
+        let deep = format!(
+            "a: {}1{}\n",
+            "[".repeat(MAX_DEPTH + 1),
+            "]".repeat(MAX_DEPTH + 1)
+        );
+        assert!(plan(&deep).is_none());
+        let deep_enough = format!("a: {}1{}\n", "[".repeat(MAX_DEPTH), "]".repeat(MAX_DEPTH));
+        same_in_pieces(&deep_enough);
+    }
+
+    #[test]
+    fn any_error_leaves_the_report_to_serde_yaml() {
+        // Each reads in pieces up to its error; the whole-document read then gives the
+        // error its path and line.
+        for text in [
+            "routez: []\n",
+            "consumers:\n  - username: a\n  - username: b\n    labels: 7\n",
+            "listen: { grpc: not-an-address }\n",
+            "routes:\n  - { id: r1 }\n  - [not, a, route]\n",
+        ] {
+            assert!(plan(text).is_some(), "{text}");
+            assert!(read_in_pieces::<FileConfig>(text).is_none(), "{text}");
+        }
+        let err = FileConfig::parse("routes:\n  - { id: r1 }\nroutez: []\n", "p.yaml").unwrap_err();
+        assert!(
+            err.to_string().contains("unknown field `routez`")
+                && err.to_string().contains("line 3"),
+            "{err}"
+        );
+    }
+
+    /// Every YAML file this repository ships (Envoy configs, Kubernetes manifests, the
+    /// default config, test fixtures) reads in pieces exactly as whole, or goes whole.
+    #[test]
+    fn the_repositorys_own_yaml_files_read_the_same() {
+        fn walk(dir: &std::path::Path, found: &mut Vec<std::path::PathBuf>) {
+            for entry in std::fs::read_dir(dir).unwrap().flatten() {
+                let path = entry.path();
+                let name = entry.file_name();
+                if path.is_dir() {
+                    if !matches!(name.to_str(), Some("target" | "node_modules" | ".git")) {
+                        walk(&path, found);
+                    }
+                } else if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+                    found.push(path);
+                }
+            }
+        }
+        let mut files = Vec::new();
+        walk(std::path::Path::new(env!("CARGO_MANIFEST_DIR")), &mut files);
+        let mut in_pieces = 0;
+        for path in &files {
+            let text = std::fs::read_to_string(path).unwrap();
+            let whole: Result<serde_yaml::Value, _> = serde_yaml::from_str(&text);
+            match (whole, read_in_pieces::<serde_yaml::Value>(&text)) {
+                (Ok(whole), Some(pieces)) => {
+                    assert_eq!(pieces, whole, "{}", path.display());
+                    in_pieces += 1;
+                }
+                (Err(e), Some(_)) => panic!("{} reads in pieces, not whole: {e}", path.display()),
+                (_, None) => {}
+            }
+        }
+        assert!(
+            in_pieces >= 10,
+            "{in_pieces} of {} files read in pieces",
+            files.len()
+        );
+    }
+}
