@@ -237,6 +237,38 @@ fn credential_lookup(c: &mut Criterion) {
     );
 }
 
+/// Reading a config file of 10k consumers with a credential each and 1k routes,
+/// written as scale.sh writes it: whole with serde_yaml (how every YAML file was read
+/// before, the baseline) and a top-level entry or list item at a time
+/// (`portcullis::yaml`), which keeps the peak memory of a 100k-consumer file at what
+/// its JSON costs.
+fn config_read(c: &mut Criterion) {
+    use portcullis::config::FileConfig;
+    let mut yaml = String::from("listen: { grpc: 127.0.0.1:9191 }\nroutes:\n");
+    for i in 0..1_000 {
+        yaml.push_str(&format!(
+            "  - {{ id: r{i}, uri: \"/svc{i}/*\", methods: [GET, POST] }}\n"
+        ));
+    }
+    yaml.push_str("consumers:\n");
+    for i in 0..10_000 {
+        yaml.push_str(&format!(
+            "  - {{ username: user{i}, labels: {{ team: t{t}, custom_id: c{i} }}, credentials: [{{ id: cred-user{i}-jwt-auth, plugins: {{ jwt-auth: {{ key: key{i}, secret: secret-{i}-0123456789abcdef }} }} }}] }}\n",
+            t = i % 97
+        ));
+    }
+    let whole = || -> FileConfig {
+        serde_path_to_error::deserialize(serde_yaml::Deserializer::from_str(&yaml)).unwrap()
+    };
+    let pieces = || -> FileConfig { portcullis::yaml::read_in_pieces(&yaml).unwrap() };
+    assert_eq!(format!("{:?}", whole()), format!("{:?}", pieces()));
+    let mut group = c.benchmark_group("config read, 10k consumers + 1k routes (YAML)");
+    group.sample_size(10);
+    group.bench_function("whole, serde_yaml", |b| b.iter(whole));
+    group.bench_function("in pieces", |b| b.iter(pieces));
+    group.finish();
+}
+
 /// forward-auth with its decision cache, every measured Check a hit. The first
 /// Check (the one `bench_check` asserts) goes to a real auth service, an axum
 /// server on loopback on its own thread, and fills the cache; the service counts
@@ -506,6 +538,7 @@ fn all(c: &mut Criterion) {
     forward_auth_cache_hit(c);
     openid_connect_session(c);
     openid_connect_bearer(c);
+    config_read(c);
 }
 
 criterion_group! {
