@@ -223,13 +223,33 @@ impl<'p, 'de> Node<'p, 'de> {
             Shape::Root(_) => Err(ReadWhole),
         }
     }
+
+    fn visit_some<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, ReadWhole> {
+        visitor.visit_some(self)
+    }
+
+    fn visit_newtype_struct<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, ReadWhole> {
+        visitor.visit_newtype_struct(self)
+    }
+
+    /// Ignored: serde_yaml skips the node without looking at it.
+    fn visit_unit<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, ReadWhole> {
+        visitor.visit_unit()
+    }
+
+    /// What serde_yaml refuses for a mapping or a sequence (a scalar type, an enum
+    /// without a tag, bytes).
+    fn refuse<V: Visitor<'de>>(self, _: V) -> Result<V::Value, ReadWhole> {
+        Err(ReadWhole)
+    }
 }
 
-/// `deserialize_*` methods that serde_yaml refuses for a mapping or a sequence.
-macro_rules! refuse {
-    ($($method:ident($($arg:ty),*);)*) => {$(
-        fn $method<V: Visitor<'de>>(self, $(_: $arg,)* _: V) -> Result<V::Value, ReadWhole> {
-            Err(ReadWhole)
+/// Each `deserialize_*` method, and what serde_yaml does with it for an untagged
+/// mapping or sequence.
+macro_rules! deserialize {
+    ($($method:ident($($arg:ty),*) => $how:ident;)*) => {$(
+        fn $method<V: Visitor<'de>>(self, $(_: $arg,)* visitor: V) -> Result<V::Value, ReadWhole> {
+            self.$how(visitor)
         }
     )*};
 }
@@ -237,68 +257,25 @@ macro_rules! refuse {
 impl<'de> Deserializer<'de> for Node<'_, 'de> {
     type Error = ReadWhole;
 
-    fn deserialize_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, ReadWhole> {
-        self.visit(visitor)
-    }
-
-    fn deserialize_map<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, ReadWhole> {
-        self.visit_map(visitor)
-    }
-
-    fn deserialize_struct<V: Visitor<'de>>(
-        self,
-        _: &'static str,
-        _: &'static [&'static str],
-        visitor: V,
-    ) -> Result<V::Value, ReadWhole> {
-        self.visit_map(visitor)
-    }
-
-    fn deserialize_seq<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, ReadWhole> {
-        self.visit_seq(visitor)
-    }
-
-    fn deserialize_tuple<V: Visitor<'de>>(
-        self,
-        _: usize,
-        visitor: V,
-    ) -> Result<V::Value, ReadWhole> {
-        self.visit_seq(visitor)
-    }
-
-    fn deserialize_tuple_struct<V: Visitor<'de>>(
-        self,
-        _: &'static str,
-        _: usize,
-        visitor: V,
-    ) -> Result<V::Value, ReadWhole> {
-        self.visit_seq(visitor)
-    }
-
-    fn deserialize_option<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, ReadWhole> {
-        visitor.visit_some(self)
-    }
-
-    fn deserialize_newtype_struct<V: Visitor<'de>>(
-        self,
-        _: &'static str,
-        visitor: V,
-    ) -> Result<V::Value, ReadWhole> {
-        visitor.visit_newtype_struct(self)
-    }
-
-    fn deserialize_ignored_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, ReadWhole> {
-        visitor.visit_unit()
-    }
-
-    refuse! {
-        deserialize_bool(); deserialize_i8(); deserialize_i16(); deserialize_i32();
-        deserialize_i64(); deserialize_i128(); deserialize_u8(); deserialize_u16();
-        deserialize_u32(); deserialize_u64(); deserialize_u128(); deserialize_f32();
-        deserialize_f64(); deserialize_char(); deserialize_str(); deserialize_string();
-        deserialize_bytes(); deserialize_byte_buf(); deserialize_unit();
-        deserialize_identifier(); deserialize_unit_struct(&'static str);
-        deserialize_enum(&'static str, &'static [&'static str]);
+    deserialize! {
+        deserialize_any() => visit;
+        deserialize_map() => visit_map;
+        deserialize_struct(&'static str, &'static [&'static str]) => visit_map;
+        deserialize_seq() => visit_seq;
+        deserialize_tuple(usize) => visit_seq;
+        deserialize_tuple_struct(&'static str, usize) => visit_seq;
+        deserialize_option() => visit_some;
+        deserialize_newtype_struct(&'static str) => visit_newtype_struct;
+        deserialize_ignored_any() => visit_unit;
+        deserialize_bool() => refuse; deserialize_i8() => refuse; deserialize_i16() => refuse;
+        deserialize_i32() => refuse; deserialize_i64() => refuse; deserialize_i128() => refuse;
+        deserialize_u8() => refuse; deserialize_u16() => refuse; deserialize_u32() => refuse;
+        deserialize_u64() => refuse; deserialize_u128() => refuse; deserialize_f32() => refuse;
+        deserialize_f64() => refuse; deserialize_char() => refuse; deserialize_str() => refuse;
+        deserialize_string() => refuse; deserialize_bytes() => refuse;
+        deserialize_byte_buf() => refuse; deserialize_unit() => refuse;
+        deserialize_identifier() => refuse; deserialize_unit_struct(&'static str) => refuse;
+        deserialize_enum(&'static str, &'static [&'static str]) => refuse;
     }
 }
 
