@@ -24,6 +24,7 @@ mod events;
 
 use std::fmt;
 use std::ops::Range;
+use std::sync::mpsc::{self, Receiver};
 
 use serde::de::{self, DeserializeSeed, IgnoredAny, Visitor};
 use serde::{Deserialize, Deserializer};
@@ -32,16 +33,26 @@ use events::{Event, Events, Kind};
 
 /// Deserialises `text` piece by piece; `None` when it must be read whole by
 /// serde_yaml instead (see the module doc), including when it is not a valid `T`.
+///
+/// The walk runs on a thread of its own and hands each piece over as it finds it, so
+/// the two parses of the text overlap instead of adding up.
 pub fn read_in_pieces<'de, T: Deserialize<'de>>(text: &'de str) -> Option<T> {
-    let entries = plan(text)?;
-    let root = Node {
-        text,
-        shape: Shape::Root(&entries),
-    };
-    // Through serde_path_to_error, as the whole-document read goes: each piece's
-    // values then deserialise with the very code that reads them whole (without it,
-    // every config type's code is compiled a second time: +0.34 MB of binary).
-    serde_path_to_error::deserialize(root).ok()
+    std::thread::scope(|scope| {
+        let (found, pieces) = mpsc::sync_channel(4096);
+        let walker = scope.spawn(move || walk(text, |piece| found.send(piece).ok()));
+        let root = Node {
+            text,
+            pieces: &pieces,
+            shape: Shape::Root,
+        };
+        // Through serde_path_to_error, as the whole-document read goes: each piece's
+        // values then deserialise with the very code that reads them whole (without
+        // it, every config type's code is compiled a second time: +0.34 MB of binary).
+        let read = serde_path_to_error::deserialize(root).ok();
+        drop(pieces); // a reader that stopped early must not leave the walker waiting
+        let whole_document_fits = matches!(walker.join(), Ok(Some(())));
+        read.filter(|_| whole_document_fits)
+    })
 }
 
 /// The deepest nesting a piece may have. serde_yaml stops at 128 levels from the
@@ -49,21 +60,25 @@ pub fn read_in_pieces<'de, T: Deserialize<'de>>(text: &'de str) -> Option<T> {
 /// document nested near that limit could read where the whole would not.
 const MAX_DEPTH: usize = 64;
 
-/// One entry of the top-level mapping, as byte ranges of the text.
-struct Entry {
-    key: Range<usize>,
-    value: Pieces,
-}
-
-enum Pieces {
-    /// From the key's first byte to the value's end: a mapping of one entry.
+/// What the walk finds, in document order, as byte ranges of the text.
+#[derive(Debug, PartialEq, Eq)]
+enum Found {
+    /// A top-level key.
+    Key(Range<usize>),
+    /// Its value, from the key's first byte to the value's end: a mapping of one entry.
     Whole(Range<usize>),
-    /// A block list: each item from the start of its `- ` line to the item's end.
-    Items(Vec<Range<usize>>),
+    /// Its value is a block list; its items follow, then `ItemsEnd`.
+    Items,
+    /// An item, from the start of its `- ` line to the item's end.
+    Item(Range<usize>),
+    ItemsEnd,
+    /// The end of the top-level mapping.
+    End,
 }
 
-/// Where the pieces are, or `None` if the document cannot be read in pieces.
-fn plan(text: &str) -> Option<Vec<Entry>> {
+/// Walks the document, handing each piece to `found` (which returns `None` to stop);
+/// `Some` if the whole document can be read in pieces.
+fn walk(text: &str, mut found: impl FnMut(Found) -> Option<()>) -> Option<()> {
     if text.starts_with('\u{feff}') {
         return None; // libyaml's indices would not count the byte-order mark
     }
@@ -75,7 +90,6 @@ fn plan(text: &str) -> Option<Vec<Entry>> {
     if root.kind != (Kind::MappingStart { block: true }) || root.tagged {
         return None;
     }
-    let mut entries = Vec::new();
     loop {
         let key = next()?;
         match key.kind {
@@ -83,29 +97,26 @@ fn plan(text: &str) -> Option<Vec<Entry>> {
             Kind::Scalar if key.start.column == 0 => {}
             _ => return None,
         }
+        found(Found::Key(key.start.index..key.end.index))?;
         let first = next()?;
-        let value = if first.kind == (Kind::SequenceStart { block: true }) && !first.tagged {
-            let mut items = Vec::new();
+        if first.kind == (Kind::SequenceStart { block: true }) && !first.tagged {
+            found(Found::Items)?;
             loop {
                 let item = next()?;
                 if item.kind == Kind::SequenceEnd {
                     break;
                 }
                 let end = node_end(&mut next, item)?;
-                items.push(line_of_dash(text, item.start.index)?..end);
+                found(Found::Item(line_of_dash(text, item.start.index)?..end))?;
             }
-            Pieces::Items(items)
+            found(Found::ItemsEnd)?;
         } else {
-            Pieces::Whole(key.start.index..node_end(&mut next, first)?)
-        };
-        entries.push(Entry {
-            key: key.start.index..key.end.index,
-            value,
-        });
+            found(Found::Whole(key.start.index..node_end(&mut next, first)?))?;
+        }
     }
+    found(Found::End)?;
     expect(next()?, Kind::DocumentEnd)?;
-    expect(next()?, Kind::StreamEnd)?;
-    Some(entries)
+    expect(next()?, Kind::StreamEnd)
 }
 
 fn expect(event: Event, kind: Kind) -> Option<()> {
@@ -174,52 +185,70 @@ impl From<serde_yaml::Error> for ReadWhole {
 /// that each piece is handed to serde_yaml and any failure is [`ReadWhole`].
 struct Node<'p, 'de> {
     text: &'de str,
-    shape: Shape<'p>,
+    pieces: &'p Receiver<Found>,
+    shape: Shape,
 }
 
-#[derive(Clone, Copy)]
-enum Shape<'p> {
-    Root(&'p [Entry]),
-    Items(&'p [Range<usize>]),
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    Root,
+    Items,
 }
 
 impl<'p, 'de> Node<'p, 'de> {
-    fn visit<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, ReadWhole> {
+    fn next(&self) -> Result<Found, ReadWhole> {
+        self.pieces.recv().map_err(|_| ReadWhole) // the walk stopped: read whole
+    }
+
+    /// What closes this node's pieces.
+    fn end(&self) -> Found {
         match self.shape {
-            Shape::Root(entries) => {
+            Shape::Root => Found::End,
+            Shape::Items => Found::ItemsEnd,
+        }
+    }
+
+    fn visit<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, ReadWhole> {
+        let (value, ended) = match self.shape {
+            Shape::Root => {
                 let mut map = Entries {
-                    text: self.text,
-                    entries: entries.iter(),
-                    value: None,
+                    node: &self,
+                    value_next: false,
+                    ended: false,
                 };
                 let value = visitor.visit_map(&mut map)?;
-                // serde_yaml fails when a visitor leaves entries unread.
-                (map.entries.len() == 0 && map.value.is_none())
-                    .then_some(value)
-                    .ok_or(ReadWhole)
+                if map.value_next {
+                    return Err(ReadWhole);
+                }
+                (value, map.ended)
             }
-            Shape::Items(items) => {
+            Shape::Items => {
                 let mut seq = Items {
-                    text: self.text,
-                    items: items.iter(),
+                    node: &self,
+                    ended: false,
                 };
-                let value = visitor.visit_seq(&mut seq)?;
-                (seq.items.len() == 0).then_some(value).ok_or(ReadWhole)
+                (visitor.visit_seq(&mut seq)?, seq.ended)
             }
+        };
+        // serde_yaml fails when a visitor leaves entries or items unread.
+        if ended || self.next()? == self.end() {
+            Ok(value)
+        } else {
+            Err(ReadWhole)
         }
     }
 
     fn visit_map<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, ReadWhole> {
         match self.shape {
-            Shape::Root(_) => self.visit(visitor),
-            Shape::Items(_) => Err(ReadWhole),
+            Shape::Root => self.visit(visitor),
+            Shape::Items => Err(ReadWhole),
         }
     }
 
     fn visit_seq<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, ReadWhole> {
         match self.shape {
-            Shape::Items(_) => self.visit(visitor),
-            Shape::Root(_) => Err(ReadWhole),
+            Shape::Items => self.visit(visitor),
+            Shape::Root => Err(ReadWhole),
         }
     }
 
@@ -231,8 +260,10 @@ impl<'p, 'de> Node<'p, 'de> {
         visitor.visit_newtype_struct(self)
     }
 
-    /// Ignored: serde_yaml skips the node without looking at it.
+    /// Ignored: serde_yaml skips the node without looking at it; its pieces are passed
+    /// over (a top-level list's items hold no `End`).
     fn visit_unit<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, ReadWhole> {
+        while self.next()? != self.end() {}
         visitor.visit_unit()
     }
 
@@ -278,71 +309,85 @@ impl<'de> Deserializer<'de> for Node<'_, 'de> {
     }
 }
 
-struct Entries<'p, 'de> {
-    text: &'de str,
-    entries: std::slice::Iter<'p, Entry>,
-    value: Option<&'p Pieces>,
+struct Entries<'n, 'p, 'de> {
+    node: &'n Node<'p, 'de>,
+    /// A key was read; its value is next.
+    value_next: bool,
+    ended: bool,
 }
 
-impl<'de> de::MapAccess<'de> for Entries<'_, 'de> {
+impl<'de> de::MapAccess<'de> for Entries<'_, '_, 'de> {
     type Error = ReadWhole;
 
     fn next_key_seed<K: DeserializeSeed<'de>>(
         &mut self,
         seed: K,
     ) -> Result<Option<K::Value>, ReadWhole> {
-        if self.value.is_some() {
+        if self.value_next {
             return Err(ReadWhole); // a key asked for instead of a value
         }
-        let Some(entry) = self.entries.next() else {
+        if self.ended {
             return Ok(None);
-        };
-        self.value = Some(&entry.value);
-        let key = &self.text[entry.key.clone()];
-        Ok(Some(
-            seed.deserialize(serde_yaml::Deserializer::from_str(key))?,
-        ))
+        }
+        match self.node.next()? {
+            Found::Key(range) => {
+                self.value_next = true;
+                let key = serde_yaml::Deserializer::from_str(&self.node.text[range]);
+                Ok(Some(seed.deserialize(key)?))
+            }
+            Found::End => {
+                self.ended = true;
+                Ok(None)
+            }
+            _ => Err(ReadWhole),
+        }
     }
 
     fn next_value_seed<S: DeserializeSeed<'de>>(&mut self, seed: S) -> Result<S::Value, ReadWhole> {
-        match self.value.take().ok_or(ReadWhole)? {
-            Pieces::Whole(range) => {
-                let piece = serde_yaml::Deserializer::from_str(&self.text[range.clone()]);
+        if !std::mem::take(&mut self.value_next) {
+            return Err(ReadWhole);
+        }
+        match self.node.next()? {
+            Found::Whole(range) => {
+                let piece = serde_yaml::Deserializer::from_str(&self.node.text[range]);
                 Ok(piece.deserialize_map(OnlyOne(seed))?)
             }
-            Pieces::Items(items) => seed.deserialize(Node {
-                text: self.text,
-                shape: Shape::Items(items),
+            Found::Items => seed.deserialize(Node {
+                text: self.node.text,
+                pieces: self.node.pieces,
+                shape: Shape::Items,
             }),
+            _ => Err(ReadWhole),
         }
     }
-
-    fn size_hint(&self) -> Option<usize> {
-        Some(self.entries.len())
-    }
 }
 
-struct Items<'p, 'de> {
-    text: &'de str,
-    items: std::slice::Iter<'p, Range<usize>>,
+struct Items<'n, 'p, 'de> {
+    node: &'n Node<'p, 'de>,
+    ended: bool,
 }
 
-impl<'de> de::SeqAccess<'de> for Items<'_, 'de> {
+impl<'de> de::SeqAccess<'de> for Items<'_, '_, 'de> {
     type Error = ReadWhole;
 
     fn next_element_seed<S: DeserializeSeed<'de>>(
         &mut self,
         seed: S,
     ) -> Result<Option<S::Value>, ReadWhole> {
-        let Some(range) = self.items.next() else {
+        if self.ended {
             return Ok(None);
-        };
-        let piece = serde_yaml::Deserializer::from_str(&self.text[range.clone()]);
-        Ok(Some(piece.deserialize_seq(OnlyOne(seed))?))
-    }
-
-    fn size_hint(&self) -> Option<usize> {
-        Some(self.items.len())
+        }
+        match self.node.next()? {
+            Found::Item(range) => {
+                let piece = serde_yaml::Deserializer::from_str(&self.node.text[range]);
+                Ok(Some(piece.deserialize_seq(OnlyOne(seed))?))
+            }
+            Found::ItemsEnd => {
+                self.ended = true;
+                Ok(None)
+            }
+            _ => Err(ReadWhole),
+        }
     }
 }
 
@@ -382,6 +427,10 @@ mod tests {
     use super::*;
     use crate::config::FileConfig;
 
+    fn fits(text: &str) -> bool {
+        walk(text, |_| Some(())).is_some()
+    }
+
     /// Read in pieces, and as serde_yaml reads the whole text, into serde_yaml's own
     /// `Value` (every scalar type, tags as tagged values).
     fn both(text: &str) -> (Option<serde_yaml::Value>, serde_yaml::Value) {
@@ -391,10 +440,7 @@ mod tests {
 
     fn same_in_pieces(text: &str) {
         let (pieces, whole) = both(text);
-        assert!(
-            plan(text).is_some(),
-            "expected to be read in pieces:\n{text}"
-        );
+        assert!(fits(text), "expected to be read in pieces:\n{text}");
         assert_eq!(pieces.as_ref(), Some(&whole), "\n{text}");
     }
 
@@ -483,14 +529,14 @@ consumers:
             "\u{feff}a: 1\n",     // a byte-order mark
             "a: [unclosed\n",     // not YAML
         ] {
-            assert!(plan(text).is_none(), "{text:?}");
+            assert!(!fits(text), "{text:?}");
         }
         let deep = format!(
             "a: {}1{}\n",
             "[".repeat(MAX_DEPTH + 1),
             "]".repeat(MAX_DEPTH + 1)
         );
-        assert!(plan(&deep).is_none());
+        assert!(!fits(&deep));
         let deep_enough = format!("a: {}1{}\n", "[".repeat(MAX_DEPTH), "]".repeat(MAX_DEPTH));
         same_in_pieces(&deep_enough);
     }
@@ -505,7 +551,7 @@ consumers:
             "listen: { grpc: not-an-address }\n",
             "routes:\n  - { id: r1 }\n  - [not, a, route]\n",
         ] {
-            assert!(plan(text).is_some(), "{text}");
+            assert!(fits(text), "{text}");
             assert!(read_in_pieces::<FileConfig>(text).is_none(), "{text}");
         }
         let err = FileConfig::parse("routes:\n  - { id: r1 }\nroutez: []\n", "p.yaml").unwrap_err();
@@ -514,6 +560,29 @@ consumers:
                 && err.to_string().contains("line 3"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn an_ignored_list_is_passed_over_and_an_early_stop_does_not_wait_for_the_walk() {
+        #[derive(Deserialize, Debug, PartialEq)]
+        struct Partial {
+            b: u32,
+        }
+        let text = "a:\n  - 1\n  - [2, 3]\nb: 4\nc: { d: 5 }\n";
+        assert_eq!(read_in_pieces::<Partial>(text), Some(Partial { b: 4 }));
+        assert_eq!(
+            read_in_pieces::<Partial>(text),
+            serde_yaml::from_str(text).ok()
+        );
+
+        // An error in the first of 20 000 items: the reader stops while the walk is
+        // blocked on a full channel, and must still return.
+        let mut long = String::from("consumers:\n  - { username: a, labels: 7 }\n");
+        for i in 0..20_000 {
+            long.push_str(&format!("  - {{ username: u{i} }}\n"));
+        }
+        assert!(fits(&long));
+        assert!(read_in_pieces::<FileConfig>(&long).is_none());
     }
 
     /// Every YAML file this repository ships (Envoy configs, Kubernetes manifests, the
