@@ -127,13 +127,7 @@ impl Store {
                     .map_err(|reason| LoadError::StateFile { file, reason })?;
                 (Some(disk), admin)
             }
-            None => (
-                None,
-                StateFile {
-                    version: 1,
-                    ..Default::default()
-                },
-            ),
+            None => (None, StateFile::empty()),
         };
         let file_res = file_layer(config).map_err(|error| LoadError::Resource {
             file: file.to_owned(),

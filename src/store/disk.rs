@@ -164,10 +164,7 @@ impl Disk {
                 disk.snapshot_len = Some(text.len() as u64);
                 read(&text)?
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => StateFile {
-                version: 1,
-                ..Default::default()
-            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => StateFile::empty(),
             Err(e) => return Err(e.to_string()),
         };
         if disk.snapshot_len.is_none() {

@@ -356,6 +356,16 @@ pub struct StateFile {
     pub deleted: Tombstones,
 }
 
+impl StateFile {
+    /// An Admin layer with nothing written yet, in the state file's current format.
+    pub fn empty() -> Self {
+        StateFile {
+            version: 1,
+            ..Default::default()
+        }
+    }
+}
+
 /// Read key by key rather than derived: a flattened field makes serde buffer every
 /// key it does not know (here, every resource) as an untyped tree first — over
 /// 100 MB at 100k consumers; and the credentials, which portcullis writes after the

@@ -56,10 +56,7 @@ impl Inner {
     pub(in crate::store) fn empty(unmatched: crate::config::Unmatched) -> Self {
         Inner {
             file: Resources::default(),
-            admin: StateFile {
-                version: 1,
-                ..Default::default()
-            },
+            admin: StateFile::empty(),
             unmatched,
             routes: Default::default(),
             consumers: Arc::new(Consumers::default()),
