@@ -290,17 +290,25 @@ impl<'de, K: Ord + Deserialize<'de>, V: Deserialize<'de>> Deserialize<'de> for P
             }
             fn visit_map<A: serde::de::MapAccess<'de>>(
                 self,
-                mut m: A,
+                m: A,
             ) -> Result<Self::Value, A::Error> {
-                let mut out = Vec::with_capacity(m.size_hint().unwrap_or(0));
-                while let Some(entry) = m.next_entry()? {
-                    out.push(entry);
-                }
-                Ok(out.into_iter().collect())
+                packed(m, |m| m.next_entry())
             }
         }
         d.deserialize_map(Entries(PhantomData)).map(Packed)
     }
+}
+
+/// Reads every entry of `m` with `entry` and packs them as [`Packed`] does.
+fn packed<'de, A: serde::de::MapAccess<'de>, K: Ord, V>(
+    mut m: A,
+    mut entry: impl FnMut(&mut A) -> Result<Option<(K, V)>, A::Error>,
+) -> Result<BTreeMap<K, V>, A::Error> {
+    let mut out = Vec::with_capacity(m.size_hint().unwrap_or(0));
+    while let Some(e) = entry(&mut m)? {
+        out.push(e);
+    }
+    Ok(out.into_iter().collect())
 }
 
 /// JSON objects need string keys: credentials persist as `"user/id"`, read back by
@@ -506,18 +514,20 @@ impl<'de> serde::de::Visitor<'de> for CredentialsSeed<'_> {
         f.write_str("a map of credentials keyed \"user/id\"")
     }
 
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<CredentialMap, A::Error> {
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, m: A) -> Result<CredentialMap, A::Error> {
         let empty = BTreeMap::new();
         let consumers = self.consumers.unwrap_or(&empty);
-        let mut out = Vec::with_capacity(m.size_hint().unwrap_or(0));
-        while let Some(key) = m.next_key_seed(CredentialKeySeed {
-            consumers,
-            ids: &mut *self.ids,
-        })? {
-            out.push((key, m.next_value::<Stored<CredentialSpec>>()?));
-        }
-        // Packed like [`Packed`]'s maps; a repeated key keeps its last value.
-        Ok(out.into_iter().collect())
+        let ids = self.ids;
+        packed(m, |m| {
+            let key = CredentialKeySeed {
+                consumers,
+                ids: &mut *ids,
+            };
+            match m.next_key_seed(key)? {
+                Some(key) => Ok(Some((key, m.next_value::<Stored<CredentialSpec>>()?))),
+                None => Ok(None),
+            }
+        })
     }
 }
 
