@@ -4,9 +4,9 @@
 //! serde_yaml loads every event of a document before it deserialises any of it:
 //! ≈ 3 KB per consumer with a credential, most of a 387 MiB peak while a 100k-consumer
 //! config file loads (the same config as JSON peaks at 145 MiB; docs/benchmarks.md).
-//! Here libyaml — the parser serde_yaml uses — first walks the document keeping only
-//! where each top-level entry and each item of a top-level block list begins and
-//! ends; serde_yaml then reads one such piece of the original text at a time. Every
+//! Here libyaml — the parser serde_yaml uses — walks the document noting only where
+//! each top-level entry and each item of a top-level block list begins and ends, and
+//! serde_yaml reads each such piece of the original text as the walk finds it. Every
 //! piece starts at the start of a line, so its lines keep their columns and libyaml
 //! reads the same events from it as from the whole document: a key with its value
 //! (`listen:\n  grpc: …`) as a mapping of one entry, a list item (`  - username: …`)
