@@ -76,6 +76,19 @@ pub enum KeyOwner<'a> {
     Consumer(&'a str),
 }
 
+impl KeyOwner<'_> {
+    fn owns(self, cred: &Credential) -> bool {
+        let user = &*cred.username;
+        match self {
+            KeyOwner::Inline(owner) => user == owner && cred.credential_id.is_none(),
+            KeyOwner::Credential(owner, id) => {
+                user == owner && cred.credential_id.as_deref() == Some(id)
+            }
+            KeyOwner::Consumer(owner) => user == owner,
+        }
+    }
+}
+
 /// Consumers by name, and the credential index: one map per auth plugin, keyed by
 /// the plugin's key alone, so a Check looks its key up borrowed (no owned
 /// `(plugin, key)` tuple per request) and an entry is a boxed key and a pointer
@@ -108,16 +121,7 @@ impl Consumers {
     pub fn drop_keys(&self, owner: KeyOwner<'_>, keep: &[AuthKey]) {
         for (plugin, index) in self.indexes() {
             index.retain(|key, cred| {
-                let owned = match owner {
-                    KeyOwner::Inline(user) => {
-                        &*cred.username == user && cred.credential_id.is_none()
-                    }
-                    KeyOwner::Credential(user, id) => {
-                        &*cred.username == user && cred.credential_id.as_deref() == Some(id)
-                    }
-                    KeyOwner::Consumer(user) => &*cred.username == user,
-                };
-                !owned || keep.iter().any(|(p, k)| *p == plugin && k == key)
+                !owner.owns(cred) || keep.iter().any(|(p, k)| *p == plugin && k == key)
             });
         }
     }
@@ -135,6 +139,14 @@ impl Consumers {
 
     pub fn credential(&self, plugin: &str, key: &str) -> Option<Arc<Credential>> {
         self.index(plugin)?.get(key).map(|c| c.value().clone())
+    }
+
+    /// Whether a credential other than `owner`'s holds `key`: as in APISIX, a key
+    /// identifies one consumer, so a write that would share it is refused.
+    pub fn taken(&self, (plugin, key): &AuthKey, owner: KeyOwner<'_>) -> bool {
+        self.index(plugin)
+            .and_then(|index| index.get(key.as_str()))
+            .is_some_and(|other| !owner.owns(&other))
     }
 
     /// Indexes `cred` under its key; returns the credential that held the key before.

@@ -24,7 +24,7 @@ use crate::config::{FileConfig, Unmatched};
 use crate::plugins::BuildContext;
 use crate::resources::{ConsumerSpec, CredentialSpec, RouteSpec, SpecError};
 use crate::runtime::Runtime;
-use crate::snapshot::{self, CompileError, Consumers, KeyOwner, Route, Snapshot};
+use crate::snapshot::{self, AuthKey, CompileError, Consumers, KeyOwner, Route, Snapshot};
 
 mod build;
 mod disk;
@@ -339,25 +339,12 @@ impl Store {
                 })
             }
             ResourceId::Consumer(name) => {
-                let spec: ConsumerSpec = parse(body)?;
-                if spec.username != *name {
-                    return Err(WriteError::Invalid(format!(
-                        "invalid configuration: username: {:?} in the body does not match {:?} in the path",
-                        spec.username, name
-                    )));
-                }
-                let compiled =
-                    snapshot::compile_consumer(spec.username.as_str().into(), &spec, &cx)?;
-                for (key, _) in &compiled.inline_credentials {
-                    if let Some(other) = inner.consumers.credential(key.0, &key.1)
-                        && &*other.username != name.as_str()
-                    {
-                        return Err(WriteError::Invalid(format!(
-                            "invalid plugins configuration: {}",
-                            duplicate_key(key)
-                        )));
-                    }
-                }
+                let (spec, compiled) = consumer_body(name, body, &cx)?;
+                claim(
+                    &inner.consumers,
+                    compiled.inline_credentials.iter().map(|(key, _)| key),
+                    KeyOwner::Consumer(name),
+                )?;
                 let stored = restamp(&spec, old, t, index);
                 value = inner.view(&stored, name).0;
                 let undo = undo.consumer(&inner.admin, name);
@@ -393,15 +380,7 @@ impl Store {
                     &spec,
                     &cx,
                 )?;
-                if let Some(other) = inner.consumers.credential(key.0, &key.1)
-                    && !(&*other.username == user.as_str()
-                        && other.credential_id.as_deref() == Some(cid.as_str()))
-                {
-                    return Err(WriteError::Invalid(format!(
-                        "invalid plugins configuration: {}",
-                        duplicate_key(&key)
-                    )));
-                }
+                claim(&inner.consumers, [&key], KeyOwner::Credential(user, cid))?;
                 let ck = (cred.username.clone(), id);
                 let stored = restamp(&spec, old, t, index);
                 value = inner.view(&stored, cid).0;
@@ -618,6 +597,39 @@ pub enum ListKind<'a> {
     Routes,
     Consumers,
     Credentials(&'a str),
+}
+
+/// A consumer's Admin API body: read, its name checked against the path's, and
+/// compiled, the same way whichever provider stores it.
+fn consumer_body(
+    name: &str,
+    body: Value,
+    cx: &BuildContext<'_>,
+) -> Result<(ConsumerSpec, snapshot::CompiledConsumer), WriteError> {
+    let spec: ConsumerSpec = parse(body)?;
+    if spec.username != name {
+        return Err(WriteError::Invalid(format!(
+            "invalid configuration: username: {:?} in the body does not match {name:?} in the path",
+            spec.username
+        )));
+    }
+    let compiled = snapshot::compile_consumer(spec.username.as_str().into(), &spec, cx)?;
+    Ok((spec, compiled))
+}
+
+/// Refuses a write whose auth keys a credential other than `owner`'s already holds.
+fn claim<'k>(
+    consumers: &Consumers,
+    keys: impl IntoIterator<Item = &'k AuthKey>,
+    owner: KeyOwner<'_>,
+) -> Result<(), WriteError> {
+    match keys.into_iter().find(|key| consumers.taken(key, owner)) {
+        Some(key) => Err(WriteError::Invalid(format!(
+            "invalid plugins configuration: {}",
+            duplicate_key(key)
+        ))),
+        None => Ok(()),
+    }
 }
 
 fn parse<T: serde::de::DeserializeOwned>(body: Value) -> Result<T, WriteError> {
@@ -1011,6 +1023,41 @@ mod tests {
             "another consumer's credential with the same id stays"
         );
         assert!(s.get(&cred("alice", "c1")).await.is_none());
+    }
+
+    /// A key names one consumer: a write may keep the keys its resource already holds,
+    /// never take another's.
+    #[tokio::test]
+    async fn a_write_cannot_take_a_key_someone_else_holds() {
+        let file = "consumers:\n  - username: alice\n    plugins: { jwt-auth: { key: inline, secret: s0 } }\n    credentials: [ { id: c1, plugins: { jwt-auth: { key: k1, secret: s1 } } } ]\n  - { username: bob }\n";
+        let (_rt, s) = store(file, None);
+        let jwt = |key: &str| json!({"plugins": {"jwt-auth": {"key": key, "secret": "s"}}});
+        let consumer = |user: &str, key: &str| {
+            let mut body = jwt(key);
+            body["username"] = user.into();
+            (ResourceId::Consumer(user.into()), body)
+        };
+        let cred = |user: &str, id: &str| ResourceId::Credential(user.into(), id.into());
+        let refused = |r: Result<(bool, Value), WriteError>, key: &str| match r {
+            Err(WriteError::Invalid(m)) => assert_eq!(
+                m,
+                format!(
+                    "invalid plugins configuration: duplicate jwt-auth key {key:?}: keys must be unique across consumers and credentials"
+                )
+            ),
+            other => panic!("{key}: {other:?}"),
+        };
+        for key in ["inline", "k1"] {
+            let (id, body) = consumer("bob", key);
+            refused(s.put(id, body).await, key);
+            refused(s.put(cred("bob", "c1"), jwt(key)).await, key);
+        }
+        // The consumer's own inline key is not its credential's to take.
+        refused(s.put(cred("alice", "c2"), jwt("inline")).await, "inline");
+        // Its own keys, written again.
+        s.put(cred("alice", "c1"), jwt("k1")).await.unwrap();
+        let (id, body) = consumer("alice", "inline");
+        s.put(id, body).await.unwrap();
     }
 
     #[tokio::test]

@@ -157,9 +157,7 @@ impl Inner {
             snapshot::compile_consumer(got.spec.username.as_str().into(), &got.spec, cx)?;
         let mut keys = Vec::new();
         for (key, cred) in compiled.inline_credentials {
-            if let Some(other) = self.consumers.credential(key.0, &key.1)
-                && &*other.username != name
-            {
+            if self.consumers.taken(&key, KeyOwner::Consumer(name)) {
                 tracing::error!(consumer = name, error = %duplicate_key(&key), "key in etcd already taken; ignoring it");
                 continue;
             }
@@ -231,9 +229,7 @@ impl Inner {
     ) -> Result<CredentialKey, WriteError> {
         let ck: CredentialKey = (self.consumers.shared_name(user), cid.into());
         let (key, cred) = snapshot::compile_credential(ck.0.clone(), ck.1.clone(), spec, cx)?;
-        if let Some(other) = self.consumers.credential(key.0, &key.1)
-            && !(&*other.username == user && other.credential_id.as_deref() == Some(cid))
-        {
+        if self.consumers.taken(&key, KeyOwner::Credential(user, cid)) {
             return Err(WriteError::Invalid(duplicate_key(&key)));
         }
         self.consumers.insert_credential(key.clone(), cred);

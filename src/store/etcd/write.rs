@@ -7,10 +7,10 @@ use serde_json::Value;
 
 use super::Etcd;
 use crate::plugins::BuildContext;
-use crate::resources::{ConsumerSpec, CredentialSpec, RouteSpec};
-use crate::snapshot;
+use crate::resources::{CredentialSpec, RouteSpec};
+use crate::snapshot::{self, KeyOwner};
 use crate::store::layers::{Keyed, Stamp, Stored, view};
-use crate::store::{ResourceId, Store, WriteError, conflict, duplicate_key, now, parse};
+use crate::store::{ResourceId, Store, WriteError, claim, conflict, consumer_body, now, parse};
 
 impl Store {
     pub(in crate::store) async fn put_etcd(
@@ -48,26 +48,12 @@ impl Store {
                 stamp(&spec, rid, create_time, t)
             }
             ResourceId::Consumer(name) => {
-                let spec: ConsumerSpec = parse(body)?;
-                if spec.username != *name {
-                    return Err(WriteError::Invalid(format!(
-                        "invalid configuration: username: {:?} in the body does not match {:?} in the path",
-                        spec.username, name
-                    )));
-                }
-                let compiled =
-                    snapshot::compile_consumer(spec.username.as_str().into(), &spec, &cx)?;
-                let inner = self.inner.lock().await;
-                for (k, _) in &compiled.inline_credentials {
-                    if let Some(other) = inner.consumers.credential(k.0, &k.1)
-                        && &*other.username != name.as_str()
-                    {
-                        return Err(WriteError::Invalid(format!(
-                            "invalid plugins configuration: {}",
-                            duplicate_key(k)
-                        )));
-                    }
-                }
+                let (spec, compiled) = consumer_body(name, body, &cx)?;
+                claim(
+                    &self.inner.lock().await.consumers,
+                    compiled.inline_credentials.iter().map(|(key, _)| key),
+                    KeyOwner::Consumer(name),
+                )?;
                 stamp(&spec, name, create_time, t)
             }
             ResourceId::Credential(user, cid) => {
@@ -88,16 +74,11 @@ impl Store {
                 let mut spec: CredentialSpec = parse(body)?;
                 spec.id = Some(cid.clone());
                 let (k, _) = snapshot::compile_credential(user.as_str(), cid.as_str(), &spec, &cx)?;
-                let inner = self.inner.lock().await;
-                if let Some(other) = inner.consumers.credential(k.0, &k.1)
-                    && !(&*other.username == user.as_str()
-                        && other.credential_id.as_deref() == Some(cid.as_str()))
-                {
-                    return Err(WriteError::Invalid(format!(
-                        "invalid plugins configuration: {}",
-                        duplicate_key(&k)
-                    )));
-                }
+                claim(
+                    &self.inner.lock().await.consumers,
+                    [&k],
+                    KeyOwner::Credential(user, cid),
+                )?;
                 stamp(&spec, cid, create_time, t)
             }
         };
