@@ -196,6 +196,14 @@ enum Shape {
 }
 
 impl<'p, 'de> Node<'p, 'de> {
+    /// serde_yaml over one piece of the text. libyaml's marks are byte indices on
+    /// character boundaries; were one ever not, the text is read whole, not sliced
+    /// into a panic.
+    fn piece(&self, range: Range<usize>) -> Result<serde_yaml::Deserializer<'de>, ReadWhole> {
+        let text = self.text.get(range).ok_or(ReadWhole)?;
+        Ok(serde_yaml::Deserializer::from_str(text))
+    }
+
     fn next(&self) -> Result<Found, ReadWhole> {
         self.pieces.recv().map_err(|_| ReadWhole) // the walk stopped: read whole
     }
@@ -332,7 +340,7 @@ impl<'de> de::MapAccess<'de> for Entries<'_, '_, 'de> {
         match self.node.next()? {
             Found::Key(range) => {
                 self.value_next = true;
-                let key = serde_yaml::Deserializer::from_str(&self.node.text[range]);
+                let key = self.node.piece(range)?;
                 Ok(Some(seed.deserialize(key)?))
             }
             Found::End => {
@@ -349,7 +357,7 @@ impl<'de> de::MapAccess<'de> for Entries<'_, '_, 'de> {
         }
         match self.node.next()? {
             Found::Whole(range) => {
-                let piece = serde_yaml::Deserializer::from_str(&self.node.text[range]);
+                let piece = self.node.piece(range)?;
                 Ok(piece.deserialize_map(OnlyOne(seed))?)
             }
             Found::Items => seed.deserialize(Node {
@@ -379,7 +387,7 @@ impl<'de> de::SeqAccess<'de> for Items<'_, '_, 'de> {
         }
         match self.node.next()? {
             Found::Item(range) => {
-                let piece = serde_yaml::Deserializer::from_str(&self.node.text[range]);
+                let piece = self.node.piece(range)?;
                 Ok(Some(piece.deserialize_seq(OnlyOne(seed))?))
             }
             Found::ItemsEnd => {

@@ -1,5 +1,5 @@
 //! libyaml's event stream over a borrowed text, as serde_yaml 0.9 parses it (the same
-//! `unsafe-libyaml` parser, UTF-8), reduced to what [`super::plan`] looks at: each
+//! `unsafe-libyaml` parser, UTF-8), reduced to what [`super::walk`] looks at: each
 //! event's kind and where it starts and ends. Nothing of the document is kept.
 
 use std::mem::MaybeUninit;
