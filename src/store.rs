@@ -427,13 +427,13 @@ impl Store {
             return self.delete_etcd(etcd, id).await;
         }
         let mut inner = self.inner.lock().await;
+        if inner.stamp_at(id).is_none() {
+            return Err(WriteError::NotFound("Key not found".into()));
+        }
         let index = inner.admin.index + 1;
         let undo = Undo::of(&inner.admin);
         match id {
             ResourceId::Route(rid) => {
-                if inner.route(rid).is_none() {
-                    return Err(WriteError::NotFound("Key not found".into()));
-                }
                 let undo = undo.route(&inner.admin, rid);
                 inner.admin.written.routes.remove(rid);
                 if inner.file.routes.contains_key(rid) {
@@ -444,9 +444,6 @@ impl Store {
                 self.republish_routes(&inner);
             }
             ResourceId::Consumer(name) => {
-                if inner.consumer(name).is_none() {
-                    return Err(WriteError::NotFound("Key not found".into()));
-                }
                 let creds = inner.credential_ids(name);
                 let mut undo = undo.consumer(&inner.admin, name);
                 for ck in &creds {
@@ -470,9 +467,6 @@ impl Store {
             }
             ResourceId::Credential(user, cid) => {
                 let ck: CredentialKey = (user.as_str().into(), cid.as_str().into());
-                if inner.credential(user, cid).is_none() {
-                    return Err(WriteError::NotFound("Key not found".into()));
-                }
                 let undo = undo.credential(&inner.admin, &ck);
                 inner.admin.written.credentials.remove(&ck);
                 if inner.file.credentials.contains_key(&ck) {

@@ -446,9 +446,7 @@ mod tests {
     #[tokio::test]
     async fn a_restart_sees_exactly_what_the_writes_left() {
         for fold_above in [super::JOURNAL_FLOOR, 0] {
-            let dir = tempfile::tempdir().unwrap();
-            let state = dir.path().join("state.json");
-            let s = open(&state).unwrap();
+            let (_dir, state, s) = fresh();
             s.inner
                 .lock()
                 .await
