@@ -444,18 +444,27 @@ pub async fn introspect(
 /// How long an active introspection answer is reused, as lua-resty-openidc decides:
 /// only an answer that carries the expiry claim is cached; `exp` is a time, any other
 /// claim named by `introspection_expiry_claim` is a number of seconds; a positive
-/// `introspection_interval` caps the time.
+/// `introspection_interval` caps the time, and so does [`MAX_INTROSPECTION_TTL`].
 fn introspection_ttl(claim: &str, expiry: Option<i64>, interval: u64, now: i64) -> Duration {
     let Some(expiry) = expiry else {
         return Duration::ZERO;
     };
-    let seconds = if claim == "exp" { expiry - now } else { expiry };
+    let seconds = if claim == "exp" {
+        expiry.saturating_sub(now)
+    } else {
+        expiry
+    };
     let mut seconds = u64::try_from(seconds).unwrap_or(0);
     if interval > 0 {
         seconds = seconds.min(interval);
     }
-    Duration::from_secs(seconds)
+    Duration::from_secs(seconds).min(MAX_INTROSPECTION_TTL)
 }
+
+/// The longest an introspection answer is reused. The OP's expiry is any JSON number,
+/// and one far in the future would overflow the cache's clock; a day of reuse without
+/// asking again is already more than any OP means by a token's lifetime.
+const MAX_INTROSPECTION_TTL: Duration = Duration::from_secs(24 * 3600);
 
 /// RFC 6749 §2.3.1: client credentials in Basic auth are form-encoded first.
 fn form_encode(value: &str) -> String {
@@ -763,6 +772,17 @@ mod tests {
             introspection_ttl("exp", Some(now - 5), 0, now),
             Duration::ZERO
         );
+        // Whatever number the OP sends, the answer is cached for at most a day and
+        // nothing overflows (the cache adds the TTL to the clock).
+        for (claim, expiry) in [
+            ("exp", i64::MAX),
+            ("expires_in", i64::MAX),
+            ("exp", i64::MIN),
+        ] {
+            let ttl = introspection_ttl(claim, Some(expiry), 0, now);
+            assert!(ttl <= MAX_INTROSPECTION_TTL, "{claim} {expiry}");
+            assert!(std::time::Instant::now().checked_add(ttl).is_some());
+        }
     }
 
     #[test]

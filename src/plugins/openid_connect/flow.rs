@@ -307,12 +307,12 @@ async fn use_session(
             return no_session(plugin, cfg, cx, http).await;
         }
     };
-    let leeway = plugin.settings.access_token_expires_leeway as i64;
+    let leeway = i64::try_from(plugin.settings.access_token_expires_leeway).unwrap_or(i64::MAX);
     let mut access_valid = true;
     if opened
         .sess
         .access_exp
-        .is_some_and(|exp| exp - leeway <= now)
+        .is_some_and(|exp| exp.saturating_sub(leeway) <= now)
     {
         if plugin.settings.renew_access_token_on_expiry {
             let mut sess = opened.sess.clone();
@@ -545,9 +545,14 @@ fn payload_bytes(jwt: &str) -> Option<Vec<u8>> {
 /// `access_token_expires_in`, else an hour (lua-resty-openidc's defaults).
 fn access_exp(plugin: &Plugin, expires_in: Option<i64>, now: i64) -> i64 {
     let lifetime = expires_in
-        .or(plugin.settings.access_token_expires_in.map(|v| v as i64))
+        .or(plugin
+            .settings
+            .access_token_expires_in
+            .map(|v| i64::try_from(v).unwrap_or(i64::MAX)))
         .unwrap_or(3600);
-    now + lifetime
+    // The OP's `expires_in` is any JSON number: an absurd one means "never", not an
+    // overflow into the past (a refresh on every request, or a login loop).
+    now.saturating_add(lifetime)
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -612,6 +617,15 @@ mod tests {
             "session": { "secret": secret },
         });
         Plugin::compile(&conf, &crate::plugins::BuildContext { shared: &shared }).unwrap()
+    }
+
+    #[test]
+    fn an_absurd_expires_in_means_never_not_an_overflow() {
+        let plugin = session_plugin("0123456789abcdef0123456789abcdef", false);
+        let now = 1_700_000_000;
+        assert_eq!(access_exp(&plugin, Some(300), now), now + 300);
+        assert_eq!(access_exp(&plugin, None, now), now + 3600);
+        assert_eq!(access_exp(&plugin, Some(i64::MAX), now), i64::MAX);
     }
 
     fn sample_session() -> LoginSession {

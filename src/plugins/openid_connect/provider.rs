@@ -245,16 +245,16 @@ impl Shared {
         claims: Arc<super::bearer::Claims>,
         ttl: Duration,
     ) {
-        if ttl.is_zero() {
-            return;
-        }
         let now = Instant::now();
+        let Some(until) = now.checked_add(ttl).filter(|_| !ttl.is_zero()) else {
+            return;
+        };
         self.introspection.insert(
             key,
             Introspected {
                 claims,
                 fetched: now,
-                until: now + ttl,
+                until,
             },
         );
     }
