@@ -8,6 +8,7 @@
 //! JWKS, at most once per [`JWKS_REFETCH_INTERVAL`] per JWKS URL, which is how key
 //! rotation works without a restart and without letting forged `kid`s hammer the OP.
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
@@ -15,6 +16,7 @@ use jsonwebtoken::DecodingKey;
 use jsonwebtoken::jwk::Jwk;
 use serde::Deserialize;
 use serde_json::Value;
+use sha2::{Digest as _, Sha256};
 
 use crate::plugins::verified::VerifiedTokens;
 
@@ -51,7 +53,36 @@ pub struct Key {
 
 pub struct KeySet {
     pub keys: Vec<Key>,
-    fetched: Instant,
+    /// SHA-256 of the document's `keys` as fetched. A fetch that finds the same keys
+    /// renews this set instead of replacing it: tokens verified with a set stay
+    /// verified only while that very set is in force (`plugins::verified`), and a
+    /// client sending forged `kid`s forces a fetch every second.
+    digest: [u8; 32],
+    born: Instant,
+    /// When a fetch last returned these keys, in nanoseconds after `born`.
+    renewed: AtomicU64,
+}
+
+impl KeySet {
+    fn new(keys: Vec<Key>, digest: [u8; 32]) -> KeySet {
+        KeySet {
+            keys,
+            digest,
+            born: Instant::now(),
+            renewed: AtomicU64::new(0),
+        }
+    }
+
+    /// Time since a fetch last returned these keys.
+    fn age(&self) -> Duration {
+        let renewed = Duration::from_nanos(self.renewed.load(Ordering::Relaxed));
+        self.born.elapsed().saturating_sub(renewed)
+    }
+
+    fn renew(&self) {
+        let now = u64::try_from(self.born.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.renewed.store(now, Ordering::Relaxed);
+    }
 }
 
 /// Cached introspection answer for one token.
@@ -173,7 +204,7 @@ impl Shared {
     /// The key set held for `url` if it is younger than `ttl`; never fetches.
     pub fn current_jwks(&self, url: &str, ttl: Duration) -> Option<Arc<KeySet>> {
         let set = self.jwks.get(url)?;
-        (set.fetched.elapsed() < ttl).then(|| set.value().clone())
+        (set.age() < ttl).then(|| set.value().clone())
     }
 
     /// The JWKS at `url`; `ttl` is the route's `jwk_expires_in`. With `refresh`, fetch again
@@ -186,7 +217,7 @@ impl Shared {
         refresh: bool,
     ) -> Result<Arc<KeySet>, FetchError> {
         let fresh = |set: &KeySet| {
-            let age = set.fetched.elapsed();
+            let age = set.age();
             age < ttl && (!refresh || age < JWKS_REFETCH_INTERVAL)
         };
         if let Some(set) = self.jwks.get(url)
@@ -203,19 +234,24 @@ impl Shared {
         let _guard = lock.lock().await;
         // Someone else may have fetched while we waited.
         if let Some(set) = self.jwks.get(url)
-            && set.fetched.elapsed() < JWKS_REFETCH_INTERVAL
+            && set.age() < JWKS_REFETCH_INTERVAL
         {
             return Ok(set.clone());
         }
         let doc = get_json(http, url).await?;
+        let digest: [u8; 32] =
+            Sha256::digest(doc.get("keys").unwrap_or(&Value::Null).to_string()).into();
+        if let Some(set) = self.jwks.get(url)
+            && set.digest == digest
+        {
+            set.renew();
+            return Ok(set.clone());
+        }
         let keys = parse_jwks(&doc).ok_or_else(|| FetchError::Document {
             url: url.to_owned(),
             reason: "no usable verification key".into(),
         })?;
-        let set = Arc::new(KeySet {
-            keys,
-            fetched: Instant::now(),
-        });
+        let set = Arc::new(KeySet::new(keys, digest));
         self.jwks.insert(url.to_owned(), set.clone());
         Ok(set)
     }
@@ -383,5 +419,53 @@ mod tests {
         assert_eq!(keys[0].kid.as_deref(), Some("sig"));
         assert_eq!(keys[0].alg.as_deref(), Some("ES256"));
         assert!(parse_jwks(&serde_json::json!({ "keys": [] })).is_none());
+    }
+
+    /// A forged `kid` makes portcullis fetch the JWKS again (once a second at most);
+    /// finding the same keys must keep the set, and with it every token verified
+    /// with it, or each forged token would cost every client an RSA check again.
+    #[tokio::test]
+    async fn a_fetch_that_finds_the_same_keys_keeps_the_set() {
+        use std::sync::Mutex;
+        use std::sync::atomic::AtomicUsize;
+        let jwk = |x: &str| {
+            serde_json::json!({ "keys": [{ "kty": "EC", "crv": "P-256", "kid": "sig",
+                "x": x, "y": "x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0" }] })
+        };
+        let served = Arc::new(Mutex::new(jwk(
+            "f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU",
+        )));
+        let fetches = Arc::new(AtomicUsize::new(0));
+        let app = axum::Router::new().route(
+            "/jwks",
+            axum::routing::get({
+                let (served, fetches) = (served.clone(), fetches.clone());
+                move || async move {
+                    fetches.fetch_add(1, Ordering::SeqCst);
+                    axum::Json(served.lock().unwrap().clone())
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/jwks", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+
+        let shared = Shared::default();
+        let http = shared.client(Duration::from_secs(3), true);
+        let ttl = Duration::from_secs(3600);
+        let first = shared.jwks(&http, &url, ttl, false).await.unwrap();
+        tokio::time::sleep(JWKS_REFETCH_INTERVAL + Duration::from_millis(100)).await;
+        let again = shared.jwks(&http, &url, ttl, true).await.unwrap();
+        assert_eq!(fetches.load(Ordering::SeqCst), 2, "fetched again");
+        assert!(Arc::ptr_eq(&first, &again), "the same keys keep the set");
+        assert!(first.age() < JWKS_REFETCH_INTERVAL, "renewed by the fetch");
+
+        // Rotated keys are a new set, so tokens verified with the old one are not
+        // taken as verified by the new one.
+        *served.lock().unwrap() = jwk("MKBCTNIcKUSDii11ySs3526iDZ8AiTo7Tu6KPAqv7D4");
+        tokio::time::sleep(JWKS_REFETCH_INTERVAL + Duration::from_millis(100)).await;
+        let rotated = shared.jwks(&http, &url, ttl, true).await.unwrap();
+        assert_eq!(fetches.load(Ordering::SeqCst), 3);
+        assert!(!Arc::ptr_eq(&first, &rotated), "rotated keys are a new set");
     }
 }
