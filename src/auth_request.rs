@@ -1,13 +1,16 @@
 //! The HTTP front for proxies that ask "may this request pass?" with a subrequest:
 //! nginx `auth_request`, Traefik `forwardAuth`, Envoy's HTTP ext_authz mode.
 //!
-//! The original request is reconstructed from what the proxy forwards, in this
-//! order: nginx's `X-Original-URL`/`X-Original-Method`; Traefik's
-//! `X-Forwarded-Proto/Host/Uri/Method`; otherwise the subrequest itself with the
-//! front's path prefix removed (Envoy's HTTP ext_authz with `path_prefix`). Those
-//! headers are trusted here — unlike on the gRPC path — so this listener must be
-//! reachable only by the proxy. The decision is the same engine's: 200 carrying the
-//! headers to copy upstream (and to the client), or the denial as it is.
+//! The original request is reconstructed from what the proxy forwards: nginx's
+//! `X-Original-URL`/`X-Original-Method`, or the `X-Forwarded-Proto/Host/Uri/Method`
+//! of Traefik and of the shipped Envoy HTTP config, or else the subrequest itself
+//! with the front's path prefix removed (Envoy's HTTP ext_authz with `path_prefix`).
+//! Those headers are trusted here — unlike on the gRPC path — so this listener must
+//! be reachable only by the proxy. Each proxy sets only its own convention's headers
+//! and passes the client's copies of the other's on, so `auth_request.original`
+//! names the convention, and by default a subrequest with both is refused rather
+//! than decided for a path the client chose. The decision is the same engine's: 200
+//! carrying the headers to copy upstream (and to the client), or the denial as it is.
 // Every Check's future is built here: keep it small (clippy.toml).
 #![warn(clippy::large_futures)]
 use std::net::SocketAddr;
@@ -17,6 +20,7 @@ use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
 use axum::response::Response;
 
+use crate::config::OriginalFrom;
 use crate::decision::{Decision, is_safe_header_name, is_safe_header_value};
 use crate::http::HttpState;
 use crate::request::{Headers, Parts, Request};
@@ -37,18 +41,60 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
         .filter(|v| !v.is_empty())
 }
 
-fn reconstruct(method: &Method, uri: &Uri, headers: &HeaderMap, prefix: &str) -> Original {
+/// Why a subrequest does not say which request it asks about.
+#[derive(Debug, PartialEq, Eq)]
+struct Unclear {
+    status: StatusCode,
+    message: &'static str,
+}
+
+fn reconstruct(
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    prefix: &str,
+    from: OriginalFrom,
+) -> Result<Original, Unclear> {
     let host = header(headers, "host")
         .or(uri.host())
         .unwrap_or_default()
         .to_owned();
-    if let Some(url) = header(headers, "x-original-url") {
+    let original_url = header(headers, "x-original-url");
+    let forwarded_uri = header(headers, "x-forwarded-uri");
+    let (original_url, forwarded_uri) = match from {
+        OriginalFrom::Auto if original_url.is_some() && forwarded_uri.is_some() => {
+            return Err(Unclear {
+                status: StatusCode::BAD_REQUEST,
+                message: "the subrequest has both X-Original-URL and X-Forwarded-Uri, so one \
+                          came from the client; set auth_request.original to the headers \
+                          your proxy sets",
+            });
+        }
+        OriginalFrom::Auto => (original_url, forwarded_uri),
+        OriginalFrom::XOriginalUrl if original_url.is_none() => {
+            return Err(Unclear {
+                status: StatusCode::INTERNAL_SERVER_ERROR,
+                message: "auth_request.original is x-original-url but the proxy sent no \
+                          X-Original-URL",
+            });
+        }
+        OriginalFrom::XOriginalUrl => (original_url, None),
+        OriginalFrom::XForwarded if forwarded_uri.is_none() => {
+            return Err(Unclear {
+                status: StatusCode::INTERNAL_SERVER_ERROR,
+                message: "auth_request.original is x-forwarded but the proxy sent no \
+                          X-Forwarded-Uri",
+            });
+        }
+        OriginalFrom::XForwarded => (None, forwarded_uri),
+    };
+    if let Some(url) = original_url {
         let (scheme, rest) = url.split_once("://").unwrap_or(("http", url));
         let (authority, path) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
             None => (rest, "/"),
         };
-        return Original {
+        return Ok(Original {
             method: header(headers, "x-original-method")
                 .unwrap_or(method.as_str())
                 .to_owned(),
@@ -59,10 +105,10 @@ fn reconstruct(method: &Method, uri: &Uri, headers: &HeaderMap, prefix: &str) ->
                 authority.to_owned()
             },
             request_uri: path.to_owned(),
-        };
+        });
     }
-    if let Some(fwd_uri) = header(headers, "x-forwarded-uri") {
-        return Original {
+    if let Some(fwd_uri) = forwarded_uri {
+        return Ok(Original {
             method: header(headers, "x-forwarded-method")
                 .unwrap_or(method.as_str())
                 .to_owned(),
@@ -73,7 +119,7 @@ fn reconstruct(method: &Method, uri: &Uri, headers: &HeaderMap, prefix: &str) ->
                 .map(str::to_owned)
                 .unwrap_or(host),
             request_uri: fwd_uri.to_owned(),
-        };
+        });
     }
     let full = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     let rest = full.strip_prefix(prefix).unwrap_or(full);
@@ -82,14 +128,14 @@ fn reconstruct(method: &Method, uri: &Uri, headers: &HeaderMap, prefix: &str) ->
     } else {
         rest.to_owned()
     };
-    Original {
+    Ok(Original {
         method: method.as_str().to_owned(),
         scheme: header(headers, "x-forwarded-proto")
             .unwrap_or("http")
             .to_owned(),
         authority: host,
         request_uri,
-    }
+    })
 }
 
 /// The client address: the proxy's `X-Real-IP`, the first `X-Forwarded-For` hop, or
@@ -130,7 +176,20 @@ pub async fn handle(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let original = reconstruct(&method, &uri, &headers, &s.auth_path);
+    let original = match reconstruct(&method, &uri, &headers, &s.auth_path, s.original) {
+        Ok(original) => original,
+        Err(unclear) => {
+            tracing::warn!(peer = %peer, "auth_request: {}", unclear.message);
+            let body = serde_json::json!({ "message": unclear.message }).to_string();
+            let mut resp = Response::new(Body::from(body));
+            *resp.status_mut() = unclear.status;
+            resp.headers_mut().insert(
+                axum::http::header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            return resp;
+        }
+    };
     let pairs = header_pairs(&headers);
     let ip = client_ip(&headers, peer);
     let req = Request::assemble(Parts {
@@ -186,6 +245,8 @@ pub async fn handle(
 mod tests {
     use super::*;
 
+    const AUTO: OriginalFrom = OriginalFrom::Auto;
+
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         pairs
             .iter()
@@ -205,7 +266,7 @@ mod tests {
             ("x-original-url", "https://app.example.com/a/b?x=1"),
             ("x-original-method", "POST"),
         ]);
-        let o = reconstruct(&Method::GET, &"/auth".parse().unwrap(), &h, "/auth");
+        let o = reconstruct(&Method::GET, &"/auth".parse().unwrap(), &h, "/auth", AUTO).unwrap();
         assert_eq!(
             o,
             Original {
@@ -225,7 +286,7 @@ mod tests {
             ("x-forwarded-host", "app.example.com"),
             ("x-forwarded-uri", "/items/1?y=2"),
         ]);
-        let o = reconstruct(&Method::GET, &"/auth".parse().unwrap(), &h, "/auth");
+        let o = reconstruct(&Method::GET, &"/auth".parse().unwrap(), &h, "/auth", AUTO).unwrap();
         assert_eq!(o.method, "DELETE");
         assert_eq!(o.authority, "app.example.com");
         assert_eq!(o.request_uri, "/items/1?y=2");
@@ -239,11 +300,70 @@ mod tests {
             &"/auth/items/1?z=3".parse().unwrap(),
             &h,
             "/auth",
-        );
+            AUTO,
+        )
+        .unwrap();
         assert_eq!(o.method, "PUT");
         assert_eq!(o.request_uri, "/items/1?z=3");
-        let o = reconstruct(&Method::GET, &"/auth".parse().unwrap(), &h, "/auth");
+        let o = reconstruct(&Method::GET, &"/auth".parse().unwrap(), &h, "/auth", AUTO).unwrap();
         assert_eq!(o.request_uri, "/");
+    }
+
+    /// nginx sets X-Original-URL and passes a client's X-Forwarded-Uri on; Traefik sets
+    /// X-Forwarded-Uri and passes a client's X-Original-URL on. Either way the client
+    /// must not choose the path the decision is made for.
+    #[test]
+    fn a_client_cannot_pick_the_path_with_the_other_proxys_header() {
+        let auth: Uri = "/auth".parse().unwrap();
+        let both = headers(&[
+            ("x-original-url", "https://app.example.com/public"),
+            ("x-forwarded-uri", "/admin"),
+            ("x-forwarded-host", "app.example.com"),
+        ]);
+        let err = reconstruct(&Method::GET, &auth, &both, "/auth", AUTO).unwrap_err();
+        assert_eq!(err.status, StatusCode::BAD_REQUEST);
+        assert!(
+            err.message.contains("auth_request.original"),
+            "{}",
+            err.message
+        );
+
+        // Named, each proxy's own headers are read and the others ignored.
+        let nginx = reconstruct(
+            &Method::GET,
+            &auth,
+            &both,
+            "/auth",
+            OriginalFrom::XOriginalUrl,
+        );
+        assert_eq!(nginx.unwrap().request_uri, "/public");
+        let traefik = reconstruct(
+            &Method::GET,
+            &auth,
+            &both,
+            "/auth",
+            OriginalFrom::XForwarded,
+        );
+        assert_eq!(traefik.unwrap().request_uri, "/admin");
+
+        // A named convention whose header is missing is the proxy's misconfiguration,
+        // never a decision about the subrequest's own path.
+        let none = headers(&[("host", "app.example.com")]);
+        for from in [OriginalFrom::XOriginalUrl, OriginalFrom::XForwarded] {
+            let err = reconstruct(&Method::GET, &auth, &none, "/auth", from).unwrap_err();
+            assert_eq!(err.status, StatusCode::INTERNAL_SERVER_ERROR, "{from:?}");
+        }
+        // With only X-Original-Method from the client, Traefik's headers decide.
+        let traefik_only = headers(&[
+            ("x-original-method", "DELETE"),
+            ("x-forwarded-method", "GET"),
+            ("x-forwarded-uri", "/items"),
+        ]);
+        let o = reconstruct(&Method::GET, &auth, &traefik_only, "/auth", AUTO).unwrap();
+        assert_eq!(
+            (o.method.as_str(), o.request_uri.as_str()),
+            ("GET", "/items")
+        );
     }
 
     #[test]

@@ -92,6 +92,30 @@ pub struct AuthRequestSettings {
     /// path to it (`path_prefix`).
     #[serde(default = "default_auth_path")]
     pub path: String,
+    /// Which headers describe the original request. They are trusted, so only the
+    /// proxy may set them; a proxy passes the client's copies of the *other*
+    /// convention's headers through untouched.
+    #[serde(default)]
+    pub original: OriginalFrom,
+}
+
+/// Where `/auth` reads the original request from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OriginalFrom {
+    /// Whichever convention the proxy used: `X-Original-URL` (nginx), else
+    /// `X-Forwarded-Uri` (Traefik, Envoy's HTTP mode as shipped), else the
+    /// subrequest's own path below `path`. A subrequest carrying both is refused: one
+    /// of them came from the client (nginx passes a client's `X-Forwarded-Uri` on,
+    /// Traefik a client's `X-Original-URL`).
+    #[default]
+    Auto,
+    /// Only `X-Original-URL` / `X-Original-Method` (nginx `auth_request`,
+    /// ingress-nginx); the `X-Forwarded-*` headers are ignored.
+    XOriginalUrl,
+    /// Only `X-Forwarded-Method/Proto/Host/Uri` (Traefik `forwardAuth`, Caddy
+    /// `forward_auth`, Envoy's HTTP ext_authz); `X-Original-*` is ignored.
+    XForwarded,
 }
 
 fn default_auth_path() -> String {
@@ -102,6 +126,7 @@ impl Default for AuthRequestSettings {
     fn default() -> Self {
         AuthRequestSettings {
             path: default_auth_path(),
+            original: OriginalFrom::Auto,
         }
     }
 }
@@ -424,6 +449,23 @@ mod tests {
         assert!(err.to_string().contains("routes[0]"), "{err}");
         let err = FileConfig::parse("listen: { grpc: nope }\n", "p.yaml").unwrap_err();
         assert!(err.to_string().contains("listen.grpc"), "{err}");
+    }
+
+    #[test]
+    fn auth_request_names_the_proxys_headers() {
+        let c = FileConfig::parse("auth_request: { original: x-forwarded }\n", "p.yaml").unwrap();
+        assert_eq!(c.auth_request.original, OriginalFrom::XForwarded);
+        let c =
+            FileConfig::parse("auth_request: { original: x-original-url }\n", "p.yaml").unwrap();
+        assert_eq!(c.auth_request.original, OriginalFrom::XOriginalUrl);
+        let c = FileConfig::parse("auth_request: { path: /a }\n", "p.yaml").unwrap();
+        assert_eq!(c.auth_request.original, OriginalFrom::Auto);
+        let err = FileConfig::parse("auth_request: { original: nginx }\n", "p.yaml").unwrap_err();
+        let err = err.to_string();
+        assert!(
+            err.contains("auth_request.original") && err.contains("x-forwarded"),
+            "{err}"
+        );
     }
 
     #[test]

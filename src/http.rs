@@ -17,6 +17,7 @@ pub struct HttpState {
     pub metrics: PrometheusHandle,
     /// Path of the auth endpoint; everything below it is the Envoy HTTP ext_authz form.
     pub auth_path: Arc<str>,
+    pub original: crate::config::OriginalFrom,
 }
 
 pub fn router(state: HttpState) -> Router {

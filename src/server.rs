@@ -125,6 +125,7 @@ pub async fn serve(opts: Options) -> Result<(), ServeError> {
         runtime: runtime.clone(),
         metrics: metrics_handle,
         auth_path: config.auth_request.path.as_str().into(),
+        original: config.auth_request.original,
     });
     let http = tokio::spawn(
         axum::serve(

@@ -166,4 +166,18 @@ async fn nginx_auth_request_front() {
     let r = nginx.get("/nowhere", &[]).await;
     assert_eq!(r.status, 500);
     assert_eq!(upstream.hits(), hits);
+
+    // nginx passes a client's X-Forwarded-Uri on to /auth beside its own
+    // X-Original-URL: the client must not get /jwt/x decided as the open route.
+    let r = nginx
+        .get(
+            "/jwt/x",
+            &[
+                ("X-Forwarded-Uri", "/open/a"),
+                ("X-Forwarded-Host", "localhost"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, 500, "refused (400 from /auth), never passed");
+    assert_eq!(upstream.hits(), hits);
 }
