@@ -14,6 +14,7 @@
 //! replica; when Redis cannot answer, `allow_degradation` lets the request through,
 //! else it is denied with APISIX's 500 `{"error_msg":"failed to limit count"}`.
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
@@ -25,6 +26,14 @@ use crate::decision::Deny;
 
 /// Expired windows are swept at most this often.
 const SWEEP_EVERY: Duration = Duration::from_secs(10);
+/// What the local counters may hold, keys included. A key carries a client's header,
+/// argument or cookie (up to Envoy's header limit), and a window lives as long as
+/// `time_window`, so a client sending a new value each time would otherwise grow the
+/// map without end. APISIX bounds them the same way, in its `plugin-limit-count`
+/// shared dict (10 MiB by default), whose fullest moments evict the oldest counters.
+const MAX_BYTES: usize = 32 * 1024 * 1024;
+/// What a window costs besides its key's bytes (the map's slot, the `String`, `Window`).
+const ENTRY_OVERHEAD: usize = 64;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -123,6 +132,9 @@ pub struct Plugin {
 #[derive(Debug)]
 pub struct Shared {
     windows: DashMap<String, Window>,
+    /// What `windows` holds, by [`cost`].
+    bytes: AtomicUsize,
+    /// Held by whoever sweeps or evicts.
     last_sweep: Mutex<Instant>,
     /// Connections of the redis policy, one per Redis target.
     redis: redis::Pool,
@@ -132,6 +144,7 @@ impl Default for Shared {
     fn default() -> Self {
         Shared {
             windows: DashMap::new(),
+            bytes: AtomicUsize::new(0),
             last_sweep: Mutex::new(Instant::now()),
             redis: redis::Pool::default(),
         }
@@ -157,9 +170,13 @@ impl Shared {
     /// Counts one request against `key`, opening a new window when none is open.
     fn incoming(&self, key: String, limit: u64, window: Duration, now: Instant) -> Tally {
         self.sweep(now);
-        let mut entry = self.windows.entry(key).or_insert(Window {
-            ends: now + window,
-            used: 0,
+        let cost = cost(&key);
+        let mut entry = self.windows.entry(key).or_insert_with(|| {
+            self.bytes.fetch_add(cost, Ordering::Relaxed);
+            Window {
+                ends: now + window,
+                used: 0,
+            }
         });
         if entry.ends <= now {
             *entry = Window {
@@ -173,11 +190,16 @@ impl Shared {
         } else {
             entry.ends.saturating_duration_since(now).as_secs_f64()
         };
-        Tally {
+        let tally = Tally {
             allowed: entry.used <= limit,
             remaining: limit.saturating_sub(entry.used),
             reset: (reset * 100.0).floor() / 100.0,
+        };
+        drop(entry);
+        if self.bytes.load(Ordering::Relaxed) > MAX_BYTES {
+            self.evict(now);
         }
+        tally
     }
 
     /// Drops windows that have ended, at most once per [`SWEEP_EVERY`].
@@ -190,13 +212,58 @@ impl Shared {
         }
         *last = now;
         drop(last);
-        self.windows.retain(|_, w| w.ends > now);
+        self.retain(|w| w.ends > now);
+    }
+
+    /// Makes room when the counters outgrow [`MAX_BYTES`]: the windows that have
+    /// ended go, then the quarter that end soonest (the oldest of each length), whose
+    /// clients start counting afresh, as APISIX's evicted counters do. Amortised: one
+    /// pass over the map frees room for a quarter of it.
+    fn evict(&self, now: Instant) {
+        let Ok(mut last) = self.last_sweep.try_lock() else {
+            return;
+        };
+        *last = now;
+        self.retain(|w| w.ends > now);
+        if self.bytes.load(Ordering::Relaxed) <= MAX_BYTES {
+            return;
+        }
+        let mut ends: Vec<Instant> = self.windows.iter().map(|e| e.ends).collect();
+        if ends.is_empty() {
+            return;
+        }
+        let quarter = ends.len() / 4;
+        let (_, &mut cutoff, _) = ends.select_nth_unstable(quarter);
+        drop(ends);
+        let before = self.windows.len();
+        self.retain(|w| w.ends > cutoff);
+        tracing::warn!(
+            evicted = before - self.windows.len(),
+            kept = self.windows.len(),
+            "limit-count: local counters reached {} MiB; the windows ending soonest were dropped",
+            MAX_BYTES >> 20
+        );
+    }
+
+    /// Keeps the windows `keep` says to, and their bytes' account with them.
+    fn retain(&self, keep: impl Fn(&Window) -> bool) {
+        self.windows.retain(|key, w| {
+            let kept = keep(w);
+            if !kept {
+                self.bytes.fetch_sub(cost(key), Ordering::Relaxed);
+            }
+            kept
+        });
     }
 
     #[cfg(test)]
     fn len(&self) -> usize {
         self.windows.len()
     }
+}
+
+fn cost(key: &str) -> usize {
+    key.len() + ENTRY_OVERHEAD
 }
 
 impl Plugin {

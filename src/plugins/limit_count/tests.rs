@@ -80,6 +80,34 @@ fn ended_windows_are_swept() {
     assert_eq!(shared.len(), 1);
 }
 
+/// Keys carry client values: a client sending a new (large) one on every request
+/// must not grow the counters past their budget, and the newest windows survive.
+#[test]
+fn counters_stay_within_their_budget() {
+    let shared = Shared::default();
+    let t0 = Instant::now();
+    let value = "v".repeat(8 * 1024);
+    let window = Duration::from_secs(3600);
+    let mut newest = String::new();
+    for i in 0..(MAX_BYTES / (8 * 1024) + 2_000) {
+        newest = format!("route:r:0:{i}:{value}");
+        // Later requests, later windows: the earliest-ending are the oldest.
+        let now = t0 + Duration::from_millis(i as u64);
+        shared.incoming(newest.clone(), 1, window, now);
+        assert!(shared.bytes.load(Ordering::Relaxed) <= MAX_BYTES + cost(&newest));
+    }
+    let accounted: usize = shared.windows.iter().map(|e| cost(e.key())).sum();
+    assert_eq!(shared.bytes.load(Ordering::Relaxed), accounted);
+    assert!(
+        shared.windows.contains_key(&newest),
+        "the newest window is kept"
+    );
+    assert!(!shared.windows.contains_key(&format!("route:r:0:0:{value}")));
+    // A kept window still counts.
+    let later = t0 + Duration::from_secs(10);
+    assert!(!shared.incoming(newest, 1, window, later).allowed);
+}
+
 #[test]
 fn reset_is_printed_like_lua() {
     assert_eq!(format_reset(30.0), "30");
