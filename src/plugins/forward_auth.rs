@@ -394,12 +394,10 @@ impl Plugin {
             None
         };
 
-        let cache_key = self.cache.as_ref().map(|(_, keys)| {
-            keys.iter()
-                .map(|k| req.headers.get(k).unwrap_or_default())
-                .collect::<Vec<_>>()
-                .join("\u{1f}")
-        });
+        let cache_key = self
+            .cache
+            .as_ref()
+            .map(|(_, keys)| cache::key(keys.iter().map(|k| req.headers.get(k))));
         if let (Some((cache, _)), Some(key)) = (&self.cache, &cache_key) {
             if let Some(hit) = cache.get(key) {
                 metrics::counter!("portcullis_cache_total", "cache" => "forward-auth", "result" => "hit").increment(1);
