@@ -82,7 +82,9 @@ fn utf8<'a>(bytes: &'a [u8], field: &'static str) -> Result<&'a str, DecodeError
 #[derive(Debug, Clone, Copy)]
 pub struct Request<'a> {
     parts: Parts<'a>,
-    /// The authority without its port, for host matching.
+    /// The host name as nginx's `$host` has it, for host matching and `host` keys:
+    /// the authority without its port or a trailing dot (`api.test.` is `api.test`,
+    /// so a route for `api.test` cannot be sidestepped by the absolute form).
     pub host: &'a str,
     /// The path without the query string.
     pub path: &'a str,
@@ -181,7 +183,7 @@ impl<'a> Request<'a> {
         }
         Request {
             parts,
-            host: strip_port(parts.authority),
+            host: host_of(parts.authority),
             path,
             query,
         }
@@ -252,6 +254,12 @@ fn decode_component(s: &str) -> std::borrow::Cow<'_, str> {
             .decode_utf8_lossy()
             .into_owned(),
     )
+}
+
+/// `example.com.:8080` → `example.com`.
+fn host_of(authority: &str) -> &str {
+    let host = strip_port(authority);
+    host.strip_suffix('.').unwrap_or(host)
 }
 
 /// `example.com:8080` → `example.com`; `[::1]:80` → `[::1]`.
@@ -387,5 +395,8 @@ pub(crate) mod tests {
         assert_eq!(strip_port("[::1]:80"), "[::1]");
         assert_eq!(strip_port("a.b"), "a.b");
         assert_eq!(strip_port("a.b:99"), "a.b");
+        assert_eq!(host_of("a.b.:99"), "a.b");
+        assert_eq!(host_of("a.b."), "a.b");
+        assert_eq!(host_of("[::1]:80"), "[::1]");
     }
 }

@@ -198,6 +198,11 @@ mod tests {
             Some("high")
         );
         assert_eq!(find(&router, "POST", "example.com", "/x"), Some("low"));
+        // The absolute form of the name (trailing dot) is the same host, as in nginx.
+        assert_eq!(
+            find(&router, "POST", "a.example.com.:443", "/x"),
+            Some("high")
+        );
         assert_eq!(find(&router, "GET", "a.example.com", "/x"), Some("low"));
         assert_eq!(find(&router, "GET", "a.example.com", "/y"), None);
     }
