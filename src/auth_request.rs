@@ -21,7 +21,7 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
 use axum::response::Response;
 
 use crate::config::OriginalFrom;
-use crate::decision::{Decision, is_safe_header_name, is_safe_header_value};
+use crate::decision::{Decision, Deny, is_safe_header_name, is_safe_header_value};
 use crate::http::HttpState;
 use crate::request::{Headers, Parts, Request};
 
@@ -41,11 +41,9 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
         .filter(|v| !v.is_empty())
 }
 
-/// Why a subrequest does not say which request it asks about.
-#[derive(Debug, PartialEq, Eq)]
-struct Unclear {
-    status: StatusCode,
-    message: &'static str,
+/// A subrequest that does not say which request it asks about: refused, and why.
+fn unclear(status: u16, message: &'static str) -> Deny {
+    Deny::message(status, message).because(message)
 }
 
 fn reconstruct(
@@ -54,7 +52,7 @@ fn reconstruct(
     headers: &HeaderMap,
     prefix: &str,
     from: OriginalFrom,
-) -> Result<Original, Unclear> {
+) -> Result<Original, Deny> {
     let host = header(headers, "host")
         .or(uri.host())
         .unwrap_or_default()
@@ -63,28 +61,25 @@ fn reconstruct(
     let forwarded_uri = header(headers, "x-forwarded-uri");
     let (original_url, forwarded_uri) = match from {
         OriginalFrom::Auto if original_url.is_some() && forwarded_uri.is_some() => {
-            return Err(Unclear {
-                status: StatusCode::BAD_REQUEST,
-                message: "the subrequest has both X-Original-URL and X-Forwarded-Uri, so one \
-                          came from the client; set auth_request.original to the headers \
-                          your proxy sets",
-            });
+            return Err(unclear(
+                400,
+                "the subrequest has both X-Original-URL and X-Forwarded-Uri, so one came \
+                 from the client; set auth_request.original to the headers your proxy sets",
+            ));
         }
         OriginalFrom::Auto => (original_url, forwarded_uri),
         OriginalFrom::XOriginalUrl if original_url.is_none() => {
-            return Err(Unclear {
-                status: StatusCode::INTERNAL_SERVER_ERROR,
-                message: "auth_request.original is x-original-url but the proxy sent no \
-                          X-Original-URL",
-            });
+            return Err(unclear(
+                500,
+                "auth_request.original is x-original-url but the proxy sent no X-Original-URL",
+            ));
         }
         OriginalFrom::XOriginalUrl => (original_url, None),
         OriginalFrom::XForwarded if forwarded_uri.is_none() => {
-            return Err(Unclear {
-                status: StatusCode::INTERNAL_SERVER_ERROR,
-                message: "auth_request.original is x-forwarded but the proxy sent no \
-                          X-Forwarded-Uri",
-            });
+            return Err(unclear(
+                500,
+                "auth_request.original is x-forwarded but the proxy sent no X-Forwarded-Uri",
+            ));
         }
         OriginalFrom::XForwarded => (None, forwarded_uri),
     };
@@ -176,36 +171,30 @@ pub async fn handle(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let original = match reconstruct(&method, &uri, &headers, &s.auth_path, s.original) {
-        Ok(original) => original,
-        Err(unclear) => {
-            tracing::warn!(peer = %peer, "auth_request: {}", unclear.message);
-            let body = serde_json::json!({ "message": unclear.message }).to_string();
-            let mut resp = Response::new(Body::from(body));
-            *resp.status_mut() = unclear.status;
-            resp.headers_mut().insert(
-                axum::http::header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            );
-            return resp;
+    let decision = match reconstruct(&method, &uri, &headers, &s.auth_path, s.original) {
+        Ok(original) => {
+            let pairs = header_pairs(&headers);
+            let ip = client_ip(&headers, peer);
+            let req = Request::assemble(Parts {
+                method: &original.method,
+                scheme: &original.scheme,
+                authority: &original.authority,
+                request_uri: &original.request_uri,
+                headers: Headers::Pairs(&pairs),
+                source_ip: Some(&ip),
+                context_extensions: &[],
+                body: &body,
+                body_truncated: false,
+                body_size: Some(body.len() as u64),
+            });
+            s.runtime.decide(&req, "http").await.decision
+        }
+        Err(refused) => {
+            tracing::warn!(peer = %peer, "auth_request: {}", refused.reason);
+            Decision::Deny(refused)
         }
     };
-    let pairs = header_pairs(&headers);
-    let ip = client_ip(&headers, peer);
-    let req = Request::assemble(Parts {
-        method: &original.method,
-        scheme: &original.scheme,
-        authority: &original.authority,
-        request_uri: &original.request_uri,
-        headers: Headers::Pairs(&pairs),
-        source_ip: Some(&ip),
-        context_extensions: &[],
-        body: &body,
-        body_truncated: false,
-        body_size: Some(body.len() as u64),
-    });
-    let verdict = s.runtime.decide(&req, "http").await;
-    let (status, out_headers, body) = match verdict.decision {
+    let (status, out_headers, body) = match decision {
         Decision::Allow(allow) => {
             let mut out = allow.upstream_set;
             out.extend(allow.client_headers);
@@ -321,12 +310,8 @@ mod tests {
             ("x-forwarded-host", "app.example.com"),
         ]);
         let err = reconstruct(&Method::GET, &auth, &both, "/auth", AUTO).unwrap_err();
-        assert_eq!(err.status, StatusCode::BAD_REQUEST);
-        assert!(
-            err.message.contains("auth_request.original"),
-            "{}",
-            err.message
-        );
+        assert_eq!(err.status, 400);
+        assert!(err.body.contains("auth_request.original"), "{}", err.body);
 
         // Named, each proxy's own headers are read and the others ignored.
         let nginx = reconstruct(
@@ -351,7 +336,7 @@ mod tests {
         let none = headers(&[("host", "app.example.com")]);
         for from in [OriginalFrom::XOriginalUrl, OriginalFrom::XForwarded] {
             let err = reconstruct(&Method::GET, &auth, &none, "/auth", from).unwrap_err();
-            assert_eq!(err.status, StatusCode::INTERNAL_SERVER_ERROR, "{from:?}");
+            assert_eq!(err.status, 500, "{from:?}");
         }
         // With only X-Original-Method from the client, Traefik's headers decide.
         let traefik_only = headers(&[
