@@ -397,7 +397,7 @@ impl Plugin {
         let cache_key = self
             .cache
             .as_ref()
-            .map(|(_, keys)| cache::key(keys.iter().map(|k| req.headers.get(k))));
+            .map(|(_, keys)| super::digest(keys.iter().map(|k| req.headers.get(k))));
         if let (Some((cache, _)), Some(key)) = (&self.cache, &cache_key) {
             if let Some(hit) = cache.get(key) {
                 metrics::counter!("portcullis_cache_total", "cache" => "forward-auth", "result" => "hit").increment(1);

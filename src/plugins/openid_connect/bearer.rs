@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 
 use super::provider::{Shared, read_json, record_cache, record_outbound, transport};
 use super::{AuthMethod, Settings};
@@ -376,7 +375,11 @@ pub async fn introspect(
         return Err("token too large".into());
     }
     let secret = settings.client_secret.as_deref().unwrap_or_default();
-    let key = cache_key(&[endpoint, &settings.client_id, secret, token]);
+    // The introspection cache key: an answer is reused only for the same token asked by
+    // the same client (id and secret) at the same endpoint, so a route whose credentials
+    // the OP refuses never rides on another route's answer. Hashed: tokens are not kept
+    // as keys.
+    let key = crate::plugins::digest([endpoint, &settings.client_id, secret, token].map(Some));
     let max_age = (settings.introspection_interval > 0)
         .then(|| Duration::from_secs(settings.introspection_interval));
     if let Some(hit) = shared.cached_introspection(&key, max_age) {
@@ -469,18 +472,6 @@ const MAX_INTROSPECTION_TTL: Duration = Duration::from_secs(24 * 3600);
 /// RFC 6749 §2.3.1: client credentials in Basic auth are form-encoded first.
 fn form_encode(value: &str) -> String {
     url::form_urlencoded::byte_serialize(value.as_bytes()).collect()
-}
-
-/// The introspection cache key: an answer is reused only for the same token asked by the
-/// same client (id and secret) at the same endpoint, so a route whose credentials the OP
-/// refuses never rides on another route's answer. Hashed: tokens are not kept as keys.
-fn cache_key(parts: &[&str]) -> [u8; 32] {
-    let mut h = Sha256::new();
-    for part in parts {
-        h.update((part.len() as u64).to_be_bytes());
-        h.update(part.as_bytes());
-    }
-    h.finalize().into()
 }
 
 #[cfg(test)]
