@@ -232,8 +232,10 @@ impl Shared {
             .value()
             .clone();
         let _guard = lock.lock().await;
-        // Someone else may have fetched while we waited.
-        if let Some(set) = self.jwks.get(url)
+        // Only this lock's holder replaces the set. Someone else may have fetched while
+        // we waited.
+        let current = self.jwks.get(url).map(|set| set.value().clone());
+        if let Some(set) = &current
             && set.age() < JWKS_REFETCH_INTERVAL
         {
             return Ok(set.clone());
@@ -241,11 +243,11 @@ impl Shared {
         let doc = get_json(http, url).await?;
         let digest: [u8; 32] =
             Sha256::digest(doc.get("keys").unwrap_or(&Value::Null).to_string()).into();
-        if let Some(set) = self.jwks.get(url)
+        if let Some(set) = current
             && set.digest == digest
         {
             set.renew();
-            return Ok(set.clone());
+            return Ok(set);
         }
         let keys = parse_jwks(&doc).ok_or_else(|| FetchError::Document {
             url: url.to_owned(),
@@ -281,8 +283,11 @@ impl Shared {
         claims: Arc<super::bearer::Claims>,
         ttl: Duration,
     ) {
+        if ttl.is_zero() {
+            return;
+        }
         let now = Instant::now();
-        let Some(until) = now.checked_add(ttl).filter(|_| !ttl.is_zero()) else {
+        let Some(until) = now.checked_add(ttl) else {
             return;
         };
         self.introspection.insert(
