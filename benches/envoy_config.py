@@ -1,16 +1,22 @@
 #!/usr/bin/env python3
 """Derives the load benchmark's Envoy config from the shipped envoy/envoy.yaml.
 
-    envoy_config.py SHIPPED.yaml OUT.yaml ADMIN UPSTREAM GRPC PLAIN JWTN AUTHZ HS_JWKS
+    envoy_config.py SHIPPED.yaml OUT.yaml ADMIN UPSTREAM GRPC PLAIN JWTN AUTHZ HS_JWKS \
+        CANNED_GRPC CANNED
 
-Three listeners that differ only in their HTTP filters, so the rows compare the
+Four listeners that differ only in their HTTP filters, so the rows compare the
 auth step and nothing else:
   ext_authz  the shipped `front` listener as is (ext_authz → portcullis);
   plain      the same listener without ext_authz (Envoy, no auth);
   jwt_authn  the same listener with Envoy's native jwt_authn (HS256, inline JWKS)
-             in place of ext_authz.
+             in place of ext_authz;
+  canned     the shipped listener with its ext_authz filter calling, instead of
+             portcullis, a server that answers every Check with the same stored OK
+             CheckResponse (nginx): what the ext_authz hop costs Envoy with the
+             cheapest answer any server can give.
 Clusters (upstream, portcullis with the shipped HTTP/2 settings) are kept; only
-ports change.
+ports change. The canned cluster is a copy of the portcullis cluster, so Envoy
+treats both servers alike.
 """
 import copy
 import sys
@@ -23,7 +29,7 @@ def set_port(sockaddr_holder, port):
 
 
 def main(argv):
-    shipped, out, admin, upstream, grpc, plain, jwtn, authz, hs_jwks = argv[1:10]
+    shipped, out, admin, upstream, grpc, plain, jwtn, authz, hs_jwks, canned_grpc, canned = argv[1:12]
     cfg = yaml.safe_load(open(shipped))
     set_port(cfg["admin"]["address"], admin)
     for cluster in cfg["static_resources"]["clusters"]:
@@ -33,6 +39,14 @@ def main(argv):
                 set_port(lb["endpoint"]["address"], port)
 
     (front,) = [l for l in cfg["static_resources"]["listeners"] if l["name"] == "front"]
+    (portcullis,) = [c for c in cfg["static_resources"]["clusters"] if c["name"] == "portcullis"]
+    canned_cluster = copy.deepcopy(portcullis)
+    canned_cluster["name"] = "canned"
+    canned_cluster["load_assignment"]["cluster_name"] = "canned"
+    for ep in canned_cluster["load_assignment"]["endpoints"]:
+        for lb in ep["lb_endpoints"]:
+            set_port(lb["endpoint"]["address"], canned_grpc)
+    cfg["static_resources"]["clusters"].append(canned_cluster)
 
     def variant(name, port, replace_authz):
         lst = copy.deepcopy(front)
@@ -68,10 +82,20 @@ def main(argv):
     authz_listener = copy.deepcopy(front)
     authz_listener["name"] = "ext_authz"
     set_port(authz_listener["address"], authz)
+    (shipped_authz,) = [
+        hf
+        for chain in front["filter_chains"]
+        for f in chain["filters"]
+        for hf in f["typed_config"]["http_filters"]
+        if hf["name"] == "envoy.filters.http.ext_authz"
+    ]
+    canned_authz = copy.deepcopy(shipped_authz)
+    canned_authz["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] = "canned"
     cfg["static_resources"]["listeners"] = [
         variant("plain", plain, []),
         variant("jwt_authn", jwtn, [jwt_authn]),
         authz_listener,
+        variant("canned", canned, [canned_authz]),
     ]
     with open(out, "w") as f:
         yaml.safe_dump(cfg, f, sort_keys=False)

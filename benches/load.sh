@@ -9,8 +9,11 @@
 # Starts, all on 127.0.0.1 with free ports: Debian's nginx (the upstream, a small
 # body; also the JWKS/discovery documents and the forward-auth service), portcullis
 # (release build unless --portcullis is given), and Envoy 1.40 running the shipped
-# envoy/envoy.yaml as three listeners that differ only in their auth filter: none, Envoy's native jwt_authn (HS256, inline local JWKS), and ext_authz
-# calling portcullis; and, for the session-cookie row, the tests' real OpenID Provider
+# envoy/envoy.yaml as four listeners that differ only in their auth filter: none,
+# Envoy's native jwt_authn (HS256, inline local JWKS), ext_authz calling portcullis, and
+# ext_authz calling nginx, which answers every Check with one stored OK CheckResponse
+# (the cheapest answer any ext_authz server can give: the floor of the architecture);
+# and, for the session-cookie row, the tests' real OpenID Provider
 # (node tests/oidc/provider.mjs after `npm ci --prefix tests/oidc`; skipped without it).
 # wrk drives the listeners; h2load drives portcullis's gRPC Check
 # directly (content-type application/grpc, te: trailers, a length-prefixed
@@ -36,7 +39,7 @@ PORTCULLIS=""
 KEEP=0
 SMOKE=0
 
-usage() { sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --runs) RUNS=$2; shift 2 ;;
@@ -79,6 +82,7 @@ wait_http() { # url, what
 UP_PORT=$(free_port); AUTH_PORT=$(free_port); GRPC_PORT=$(free_port); HTTP_PORT=$(free_port)
 ADMIN_PORT=$(free_port); ENVOY_ADMIN=$(free_port)
 PLAIN_PORT=$(free_port); JWTN_PORT=$(free_port); AUTHZ_PORT=$(free_port)
+CANNED_GRPC_PORT=$(free_port); CANNED_PORT=$(free_port)
 ISSUER="http://127.0.0.1:$UP_PORT"
 
 # --- keys and tokens (openssl; nothing random is reused across runs) -------------
@@ -103,8 +107,10 @@ HS_TOKEN=$(jwt HS256 "{\"key\":\"bench-hs\",\"iss\":\"bench\",\"sub\":\"bench\",
 RS_TOKEN=$(jwt RS256 "{\"key\":\"bench-rs\",\"iss\":\"$ISSUER\",\"aud\":\"bench\",\"sub\":\"bench\",\"exp\":$EXP}" bench-rs)
 HS_JWKS="{\"keys\":[{\"kty\":\"oct\",\"alg\":\"HS256\",\"k\":\"$(printf '%s' "$HS_SECRET" | b64url)\"}]}"
 
-# --- nginx: upstream, OIDC documents, forward-auth service ---------------------
-mkdir -p "$WORK/www/.well-known" "$WORK/nginx-tmp"
+# --- nginx: upstream, OIDC documents, forward-auth service, canned Check answer ----
+mkdir -p "$WORK/www/.well-known" "$WORK/nginx-tmp" "$WORK/canned/envoy.service.auth.v3.Authorization"
+# A gRPC message of zero bytes: an empty CheckResponse, whose status means OK.
+printf '\0\0\0\0\0' >"$WORK/canned/envoy.service.auth.v3.Authorization/Check"
 printf '{"keys":[{"kty":"RSA","alg":"RS256","use":"sig","kid":"bench-rs","n":"%s","e":"AQAB"}]}\n' "$RS_N" >"$WORK/www/jwks.json"
 cat >"$WORK/www/.well-known/openid-configuration" <<EOF
 {"issuer":"$ISSUER","authorization_endpoint":"$ISSUER/authorize","token_endpoint":"$ISSUER/token",
@@ -140,6 +146,23 @@ http {
   server {
     listen 127.0.0.1:$AUTH_PORT;
     location / { add_header X-User-Id bench always; return 200; }
+  }
+  # The canned ext_authz server: gRPC over cleartext HTTP/2, every Check answered
+  # with the stored empty CheckResponse and grpc-status 0, nothing else sent.
+  server {
+    listen 127.0.0.1:$CANNED_GRPC_PORT http2;
+    server_tokens off;
+    etag off;
+    open_file_cache max=16;
+    location = /envoy.service.auth.v3.Authorization/Check {
+      root $WORK/canned;
+      default_type application/grpc;
+      add_trailer grpc-status 0 always;
+      add_header Last-Modified "";
+      max_ranges 0;
+      # nginx's static files refuse POST (405); error_page answers with the file.
+      error_page 405 =200 \$uri;
+    }
   }
 }
 EOF
@@ -277,9 +300,10 @@ RUST_LOG=warn "$PORTCULLIS" serve --config "$WORK/portcullis.yaml" >"$WORK/portc
 PIDS+=($!)
 PORTCULLIS_PID=$!
 
-# --- Envoy: the shipped envoy/envoy.yaml, as three listeners ----------------------
+# --- Envoy: the shipped envoy/envoy.yaml, as four listeners -----------------------
 python3 "$ROOT/benches/envoy_config.py" "$ROOT/envoy/envoy.yaml" "$WORK/envoy.yaml" \
-  "$ENVOY_ADMIN" "$UP_PORT" "$GRPC_PORT" "$PLAIN_PORT" "$JWTN_PORT" "$AUTHZ_PORT" "$HS_JWKS"
+  "$ENVOY_ADMIN" "$UP_PORT" "$GRPC_PORT" "$PLAIN_PORT" "$JWTN_PORT" "$AUTHZ_PORT" "$HS_JWKS" \
+  "$CANNED_GRPC_PORT" "$CANNED_PORT"
 envoy -c "$WORK/envoy.yaml" --concurrency "$CONCURRENCY" --base-id "$((ENVOY_ADMIN % 60000))" \
   -l warn >"$WORK/envoy.log" 2>&1 &
 PIDS+=($!)
@@ -320,6 +344,11 @@ auth_of() {
 path_of() { case "$1" in noplugin) echo /open/item ;; *) echo "/$1/item" ;; esac; }
 add envoy wrk "http://127.0.0.1:$PLAIN_PORT/open/item" "" envoy "Envoy, no auth"
 add jwtn wrk "http://127.0.0.1:$JWTN_PORT/open/item" "authorization: Bearer $HS_TOKEN" envoy "Envoy jwt_authn HS256 (in-process)"
+# The floor of the ext_authz architecture: the same request and token as the jwt_authn
+# row, through the shipped ext_authz filter, answered by a server that only sends back
+# a stored OK. No ext_authz server can cost Envoy less or itself cost nothing.
+add canned wrk "http://127.0.0.1:$CANNED_PORT/open/item" "authorization: Bearer $HS_TOKEN" envoy \
+  "Envoy + canned ext_authz answer (nginx), with the token"
 for r in "${ENABLED[@]}"; do
   base=pc-noplugin; [ "$r" = noplugin ] && base=envoy
   add "pc-$r" wrk "http://127.0.0.1:$AUTHZ_PORT$(path_of "$r")" "$(auth_of "$r")" "$base" "Envoy + portcullis: $(label_of "$r")"
@@ -528,6 +557,10 @@ checks = [
     ("Envoy + portcullis jwt-auth HS256 / no-plugin with the same token", "pc-jwt-hs", "pc-noplugin-hdr", None),
     ("Envoy + portcullis no-plugin / Envoy, no auth", "pc-noplugin", "envoy", None),
     ("Envoy jwt_authn / Envoy, no auth", "jwtn", "envoy", None),
+    # The architecture's floor: the best any ext_authz server can do here.
+    ("Envoy + canned ext_authz answer / Envoy jwt_authn HS256", "canned", "jwtn", None),
+    ("Envoy + portcullis no-plugin, with the token / canned answer", "pc-noplugin-hdr", "canned", None),
+    ("Envoy + portcullis jwt-auth HS256 / canned answer", "pc-jwt-hs", "canned", None),
 ]
 print()
 # Rows are interleaved, so run i of one row and of its baseline ran minutes apart at

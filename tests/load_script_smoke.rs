@@ -58,6 +58,8 @@ fn load_script_smoke_pass_produces_every_row() {
     for label in [
         "Envoy, no auth",
         "Envoy jwt_authn HS256",
+        // The floor: ext_authz answered by a server that only sends back a stored OK.
+        "Envoy + canned ext_authz answer (nginx)",
         "Envoy + portcullis: no-plugin route",
         "Envoy + portcullis: no-plugin route, with the token",
         "gRPC Check direct: no-plugin route",
@@ -74,6 +76,10 @@ fn load_script_smoke_pass_produces_every_row() {
         // CPU per request: Envoy (6) on Envoy rows, portcullis (7) on its rows.
         if label.contains("Envoy") {
             assert!(column(6) > 0.0, "row {label:?} has no Envoy CPU: {row}");
+        }
+        // nginx (8) is the canned answer's server as well as the upstream.
+        if label.contains("canned") {
+            assert!(column(8) > 0.0, "row {label:?} has no nginx CPU: {row}");
         }
         if label.contains("portcullis") || label.contains("gRPC") {
             assert!(
