@@ -12,8 +12,8 @@ auth step and nothing else:
              in place of ext_authz;
   canned     the shipped listener with its ext_authz filter calling, instead of
              portcullis, a server that answers every Check with the same stored OK
-             CheckResponse (nginx): what the ext_authz hop costs Envoy with the
-             cheapest answer any server can give.
+             CheckResponse (nginx): what the ext_authz hop costs with a real
+             server that decides nothing.
 Clusters (upstream, portcullis with the shipped HTTP/2 settings) are kept; only
 ports change. The canned cluster is a copy of the portcullis cluster, so Envoy
 treats both servers alike.

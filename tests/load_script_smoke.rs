@@ -58,7 +58,7 @@ fn load_script_smoke_pass_produces_every_row() {
     for label in [
         "Envoy, no auth",
         "Envoy jwt_authn HS256",
-        // The floor: ext_authz answered by a server that only sends back a stored OK.
+        // The reference: ext_authz answered by a server that only sends back a stored OK.
         "Envoy + canned ext_authz answer (nginx)",
         "Envoy + portcullis: no-plugin route",
         "Envoy + portcullis: no-plugin route, with the token",
