@@ -148,7 +148,7 @@ http {
     location / { add_header X-User-Id bench always; return 200; }
   }
   # The canned ext_authz server: gRPC over cleartext HTTP/2, every Check answered
-  # with the stored empty CheckResponse and grpc-status 0, nothing else sent.
+  # with the stored empty CheckResponse and grpc-status 0, whatever it asks.
   server {
     listen 127.0.0.1:$CANNED_GRPC_PORT http2;
     server_tokens off;
