@@ -49,6 +49,8 @@ def main(argv):
     cfg["static_resources"]["clusters"].append(canned_cluster)
 
     def variant(name, port, replace_authz):
+        """A copy of `front` whose ext_authz filter (a copy too) is replaced by the
+        filters `replace_authz` returns for it."""
         lst = copy.deepcopy(front)
         lst["name"] = name
         set_port(lst["address"], port)
@@ -59,7 +61,7 @@ def main(argv):
                 filters = []
                 for hf in hcm["http_filters"]:
                     if hf["name"] == "envoy.filters.http.ext_authz":
-                        filters.extend(replace_authz)
+                        filters.extend(replace_authz(hf))
                     else:
                         filters.append(hf)
                 hcm["http_filters"] = filters
@@ -82,20 +84,16 @@ def main(argv):
     authz_listener = copy.deepcopy(front)
     authz_listener["name"] = "ext_authz"
     set_port(authz_listener["address"], authz)
-    (shipped_authz,) = [
-        hf
-        for chain in front["filter_chains"]
-        for f in chain["filters"]
-        for hf in f["typed_config"]["http_filters"]
-        if hf["name"] == "envoy.filters.http.ext_authz"
-    ]
-    canned_authz = copy.deepcopy(shipped_authz)
-    canned_authz["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] = "canned"
+
+    def calling_canned(authz_filter):
+        authz_filter["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] = "canned"
+        return [authz_filter]
+
     cfg["static_resources"]["listeners"] = [
-        variant("plain", plain, []),
-        variant("jwt_authn", jwtn, [jwt_authn]),
+        variant("plain", plain, lambda _: []),
+        variant("jwt_authn", jwtn, lambda _: [jwt_authn]),
         authz_listener,
-        variant("canned", canned, [canned_authz]),
+        variant("canned", canned, calling_canned),
     ]
     with open(out, "w") as f:
         yaml.safe_dump(cfg, f, sort_keys=False)
